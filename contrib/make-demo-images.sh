@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Build a small directory of disk images for trying imgfs out (`make demo` calls this).
+#
+#   contrib/make-demo-images.sh DIR
+#
+# Makes, in DIR:
+#   disk.img   64 MiB raw disk: MBR partition table (sfdisk), partition 1 = ext4 labelled
+#              "imgfs-demo" holding README.txt, data.bin (1 MiB random) and SHA256SUMS
+#   blank.raw  1 GiB raw, empty and sparse
+#
+# An image that already exists is kept (delete it, or DIR, to make it again). Each one is built
+# under a temporary name and renamed when complete, so an interrupted run leaves no half image.
+# Needs: util-linux (sfdisk is in Debian's `fdisk` package), e2fsprogs, coreutils. No loop
+# devices, no root.
+set -euo pipefail
+
+if [ $# -ne 1 ] || [ "${1:0:1}" = "-" ]; then
+    echo "usage: $0 DIR" >&2
+    exit 2
+fi
+dir=$1
+export PATH="$PATH:/usr/sbin:/sbin"       # sfdisk and mkfs.ext4 live there
+mkdir -p "$dir"
+
+tmp=
+scratch=
+cleanup() {
+    [ -z "$tmp" ] || rm -f "$tmp"
+    [ -z "$scratch" ] || rm -rf "$scratch"
+}
+trap cleanup EXIT
+
+# make_image NAME COMMAND [ARG...]: unless DIR/NAME exists, run COMMAND ARG... TMPFILE, then
+# rename TMPFILE to DIR/NAME.
+make_image() {
+    local name=$1
+    shift
+    if [ -e "$dir/$name" ]; then
+        echo "  kept  $dir/$name"
+        return
+    fi
+    tmp="$dir/.$name.tmp"
+    rm -f "$tmp"
+    "$@" "$tmp"
+    mv -f "$tmp" "$dir/$name"
+    tmp=
+    echo "  made  $dir/$name"
+}
+
+# A 64 MiB disk: an MBR label with one Linux partition from 1 MiB to the end, and an ext4
+# filesystem written straight into that partition with mkfs.ext4 -E offset= (no loop device).
+build_disk() {
+    local out=$1 start size
+    truncate -s 64M "$out"
+    printf 'label: dos\nlabel-id: 0x696d6766\nstart=2048, type=83, bootable\n' \
+        | sfdisk --quiet "$out"
+    # partition 1 as sfdisk laid it out, in 512-byte sectors
+    read -r start size < <(sfdisk --dump "$out" \
+        | sed -n 's/^.*1 : *start= *\([0-9]*\), *size= *\([0-9]*\),.*$/\1 \2/p')
+    [ -n "${start:-}" ] && [ -n "${size:-}" ] || { echo "$0: cannot read partition 1" >&2; exit 1; }
+
+    scratch=$(mktemp -d)
+    cat >"$scratch/README.txt" <<'EOF'
+This ext4 filesystem lives in partition 1 of demo/images/disk.img.
+imgfs exports that image as MOUNTPOINT/disk.img.raw; to look inside, as root:
+    losetup -fP --show mnt/disk.img.raw       # prints /dev/loopN
+    mount -o ro /dev/loopNp1 /media
+    (cd /media && sha256sum -c SHA256SUMS)
+    umount /media; losetup -d /dev/loopN
+EOF
+    head -c 1M /dev/urandom >"$scratch/data.bin"
+    (cd "$scratch" && sha256sum README.txt data.bin >SHA256SUMS)
+
+    mkfs.ext4 -q -F -L imgfs-demo -E "offset=$((start * 512))" -d "$scratch" \
+        "$out" "$((size / 2))k"
+    rm -rf "$scratch"
+    scratch=
+}
+
+# 1 GiB of nothing: every block a hole.
+build_blank() {
+    truncate -s 1G "$1"
+}
+
+echo "demo images in $dir:"
+make_image disk.img  build_disk
+make_image blank.raw build_blank
+
+# --- More formats -------------------------------------------------------------------------
+# When a format's driver lands, uncomment its line below (and list the image in README.md).
+# Each one converts disk.img, so the same partition table and ext4 filesystem appear through
+# every format, and `cmp mnt/disk.img.raw mnt/disk.qcow2.raw` must say nothing.
+#
+# convert_to() { qemu-img convert -f raw -O "$1" "${@:2:$#-2}" "$dir/disk.img" "${!#}"; }
+#
+# make_image disk.qcow2     convert_to qcow2                 # add when the qcow2 driver lands
+# make_image disk-z.qcow2   convert_to qcow2 -c              # compressed clusters (qcow2)
+# make_image disk.qcow      convert_to qcow                  # add when the qcow driver lands
+# make_image disk.vmdk      convert_to vmdk                  # add when the vmdk driver lands
+# make_image disk.vhd       convert_to vpc -o force_size=on  # add when the vpc driver lands
+#                           # (without force_size qemu rounds the size up to a CHS geometry)
+# make_image disk.vhdx      convert_to vhdx                  # add when the vhdx driver lands
+# make_image disk.vdi       convert_to vdi                   # add when the vdi driver lands
+# make_image disk.qed       convert_to qed                   # add when the qed driver lands
+# make_image disk.hdd       convert_to parallels             # add when the parallels driver lands
+# make_image disk.luks      convert_to luks --object secret,id=k,data=demo -o key-secret=k
+#                           # add when the luks driver lands; qemu-img sometimes fails to create
+#                           # LUKS images ("Unable to get accurate CPU usage"): retry it
+#
+# qemu-img cannot write bochs, cloop, dmg or UML cow images: when those drivers land, copy a
+# sample from ../shared/corpus/ instead, e.g.
+# make_image disk.dmg       cp ../shared/corpus/dmg/SOME-SAMPLE.dmg
