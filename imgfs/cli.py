@@ -1,0 +1,328 @@
+"""The imgfs command line: mount, umount, info, check.
+
+Errors are one line on stderr (``imgfs: error: ...``) with exit status 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from imgfs import __version__
+from imgfs.block.disk import open_disk
+from imgfs.block.driver import ImageInfo, RepairMode
+from imgfs.block.hostfile import CacheMode
+from imgfs.errors import ImgfsError, Unsupported
+
+log = logging.getLogger("imgfs")
+
+
+def default_log_path(mountpoint: str) -> str:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    name = os.path.abspath(mountpoint).strip("/").replace("/", "_") or "root"
+    return os.path.join(state, "imgfs", name + ".log")
+
+
+def setup_logging(*, to_stderr: bool, log_file: str | None, debug: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if to_stderr:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("imgfs: %(message)s"))
+        root.addHandler(handler)
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+        )
+        root.addHandler(handler)
+
+
+# -- mount / umount ---------------------------------------------------------------------------
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from imgfs.fuse.mount import check_images_dir, check_mountpoint, serve
+    from imgfs.fuse.ops import MountOptions
+
+    options = MountOptions(
+        cache=CacheMode(args.cache),
+        read_only=args.read_only,
+        kernel_cache=args.kernel_cache,
+        aio_threads=args.aio_threads,
+        allow_external_files=args.allow_external_files,
+    )
+    log_file = args.log or default_log_path(args.mountpoint)
+    # Check before forking so that the common mistakes are reported by this process.
+    check_images_dir(args.images_dir)
+    check_mountpoint(args.mountpoint)
+    kwargs = dict(
+        allow_other=args.allow_other,
+        extra_options=args.o or [],
+        debug=args.debug,
+    )
+    if args.foreground:
+        setup_logging(to_stderr=True, log_file=args.log, debug=args.debug)
+        return serve(args.images_dir, args.mountpoint, options, **kwargs)
+    return _mount_in_background(args, options, log_file, kwargs)
+
+
+def _mount_in_background(
+    args: argparse.Namespace, options: object, log_file: str, kwargs: dict
+) -> int:
+    """Fork a daemon; return when its mount is ready (0) or it failed (1, its error shown)."""
+    from imgfs.fuse.mount import serve
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            message = pipe.read().decode(errors="replace").strip()
+        if message == "ready":
+            return 0
+        print(
+            f"imgfs: error: {message or 'the mount daemon exited'} (log: {log_file})",
+            file=sys.stderr,
+        )
+        return 1
+    # The daemon.
+    os.close(read_end)
+    os.setsid()
+    status = 1
+    try:
+        setup_logging(to_stderr=False, log_file=log_file, debug=args.debug)
+        devnull = os.open(os.devnull, os.O_RDWR)
+
+        def ready() -> None:
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.write(write_end, b"ready\n")
+            os.close(write_end)
+
+        status = serve(args.images_dir, args.mountpoint, options, on_ready=ready, **kwargs)
+    except ImgfsError as e:
+        log.error("%s", e)
+        _try_write(write_end, str(e))
+    except BaseException as e:
+        log.exception("mount failed")
+        _try_write(write_end, f"{type(e).__name__}: {e}")
+    finally:
+        logging.shutdown()
+        os._exit(status)
+
+
+def _try_write(fd: int, text: str) -> None:
+    try:
+        os.write(fd, text.encode())
+    except OSError:
+        pass
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from imgfs.fuse.mount import unmount
+
+    setup_logging(to_stderr=True, log_file=None, debug=False)
+    unmount(args.mountpoint)
+    return 0
+
+
+# -- info / check -------------------------------------------------------------------------------
+
+
+def _human_size(n: int) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]
+    value = float(n)
+    for unit in units:
+        if value < 1024 or unit == units[-1]:
+            if unit == "B":
+                return f"{n} B"
+            return f"{value:.3g} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _print_info(info: ImageInfo) -> None:
+    print(f"image: {info.filename}")
+    print(f"file format: {info.format}")
+    print(f"virtual size: {_human_size(info.virtual_size)} ({info.virtual_size} bytes)")
+    print(f"disk size: {_human_size(info.actual_size)}")
+    if info.cluster_size is not None:
+        print(f"cluster_size: {info.cluster_size}")
+    if info.encrypted:
+        print("encrypted: yes")
+    if info.backing_filename is not None:
+        print(f"backing file: {info.backing_filename}")
+        if info.backing_filename_format:
+            print(f"backing file format: {info.backing_filename_format}")
+    if info.dirty_flag:
+        print("dirty flag: yes")
+    if info.format_specific:
+        print("Format specific information:")
+        for key, value in info.format_specific.items():
+            print(f"    {key}: {value}")
+    for note in info.notes:
+        print(f"note: {note}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    disk = open_disk(args.image, args.format, read_only=True)
+    try:
+        infos = disk.info()
+    finally:
+        disk.close()
+    if not args.backing_chain:
+        infos = infos[:1]
+    if args.output == "json":
+        data = [i.to_qemu_json() for i in infos]
+        print(json.dumps(data if args.backing_chain else data[0], indent=4))
+    else:
+        for n, info in enumerate(infos):
+            if n:
+                print()
+            _print_info(info)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    repair = RepairMode(args.repair) if args.repair else RepairMode.NONE
+    disk = open_disk(args.image, args.format, read_only=repair is RepairMode.NONE)
+    try:
+        try:
+            result = disk.check(repair)
+        except Unsupported as e:
+            print(f"imgfs: {e}", file=sys.stderr)
+            return 63  # qemu-img check's status for "this format has no check"
+    finally:
+        disk.close()
+    if args.output == "json":
+        print(
+            json.dumps(
+                {
+                    "filename": args.image,
+                    "format": disk.top.format_name,
+                    "check-errors": result.check_errors,
+                    "corruptions": result.corruptions,
+                    "leaks": result.leaks,
+                    "corruptions-fixed": result.corruptions_fixed,
+                    "leaks-fixed": result.leaks_fixed,
+                    "image-end-offset": result.image_end_offset,
+                    "total-clusters": result.total_clusters,
+                    "allocated-clusters": result.allocated_clusters,
+                    "fragmented-clusters": result.fragmented_clusters,
+                    "compressed-clusters": result.compressed_clusters,
+                },
+                indent=4,
+            )
+        )
+    else:
+        for message in result.messages:
+            print(message)
+        if result.exit_status == 0:
+            print("No errors were found on the image.")
+        else:
+            print(
+                f"{result.corruptions} errors, {result.leaks} leaked clusters, "
+                f"{result.check_errors} internal errors"
+            )
+    return result.exit_status
+
+
+# -- argument parsing ---------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgfs", description="Mount a directory of virtual-disk images as raw files."
+    )
+    parser.add_argument("--version", action="version", version=f"imgfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("mount", help="export every disk image in a directory as NAME.raw")
+    p.add_argument("images_dir", metavar="IMAGES_DIR")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument(
+        "--cache",
+        choices=[m.value for m in CacheMode],
+        default="writeback",
+        help="host cache mode, as QEMU's -drive cache= (default: writeback)",
+    )
+    p.add_argument("--read-only", action="store_true", help="export every disk read-only")
+    p.add_argument(
+        "-f", "--foreground", action="store_true", help="stay in the foreground and log to stderr"
+    )
+    p.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users use the mount (needs user_allow_other for non-root)",
+    )
+    p.add_argument(
+        "--kernel-cache",
+        action="store_true",
+        help="let the kernel page cache hold exported data (default: direct_io)",
+    )
+    p.add_argument(
+        "--aio-threads",
+        type=positive_int,
+        default=4,
+        metavar="N",
+        help="worker threads for blocking work: fsync, O_DIRECT I/O (default: 4)",
+    )
+    p.add_argument(
+        "--allow-external-files",
+        action="store_true",
+        help="let images use backing/extent files outside IMAGES_DIR",
+    )
+    p.add_argument("-o", action="append", metavar="OPT[,OPT...]", help="extra FUSE mount options")
+    p.add_argument("--log", metavar="FILE", help="log file (default: under $XDG_STATE_HOME)")
+    p.add_argument("--debug", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="flush every image, unmount and wait for the daemon")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("info", help="describe an image (like qemu-img info)")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("-f", "--format", help="image format (default: probe)")
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("--backing-chain", action="store_true", help="describe every layer")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("check", help="check an image's metadata (like qemu-img check)")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("-f", "--format", help="image format (default: probe)")
+    p.add_argument("-r", "--repair", choices=["leaks", "all"])
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ImgfsError as e:
+        print(f"imgfs: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Format drivers, one module (or package) each; each registers itself at the bottom."""

@@ -1,0 +1,1 @@
+"""The FUSE layer: exported files <-> Disks (ops), directory scan (scan), the mount loop (mount)."""

@@ -1,0 +1,162 @@
+"""Which files in IMAGES_DIR are disks, under which names, with what size and permissions.
+
+Every regular file is probed. A file that a real format claims is a disk; the files that such a
+disk owns (extents, external data files) are not. A file that only raw claims is a disk when its
+name or size says so (see :func:`looks_like_raw_disk`), so that README.txt or a key file next to
+the images is not exported as a disk. Probe results are cached by (device, inode, size, mtime).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+
+from imgfs.block import chain, registry
+from imgfs.block.hostfile import CacheMode
+from imgfs.errors import ImgfsError
+
+log = logging.getLogger(__name__)
+
+EXPORT_SUFFIX = ".raw"
+
+# Names that are raw disks whatever their size.
+RAW_DISK_EXTENSIONS = frozenset(
+    {".img", ".raw", ".bin", ".iso", ".dd", ".dsk", ".ima", ".image", ".disk", ".vfd", ".flp"}
+)
+# Names that are never disks when only raw claims them: notes, keys, checksums, configs and
+# the companion files other products put next to their disks.
+NON_DISK_EXTENSIONS = frozenset(
+    {
+        ".txt", ".md", ".rst", ".xml", ".json", ".yaml", ".yml", ".log", ".lck", ".lock",
+        ".sha256", ".sha1", ".md5", ".sum", ".tsv", ".csv", ".key", ".pass", ".passphrase",
+        ".sh", ".py", ".conf", ".cfg", ".ini", ".vmx", ".vmxf", ".vmsd", ".vmsn", ".vbox",
+        ".vbox-prev", ".ovf", ".mf", ".nvram", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar",
+        ".pid", ".url", ".html", ".pdf",
+    }
+)  # fmt: skip
+SECTOR = 512
+
+
+def looks_like_raw_disk(name: str, size: int) -> bool:
+    ext = os.path.splitext(name)[1].lower()
+    if ext in RAW_DISK_EXTENSIONS:
+        return True
+    if ext in NON_DISK_EXTENSIONS:
+        return False
+    return size > 0 and size % SECTOR == 0
+
+
+@dataclass(slots=True)
+class ImageEntry:
+    """One exported disk as the directory scan found it."""
+
+    name: str  # the exported name, NAME.raw
+    path: str  # the image file
+    format: str
+    virtual_size: int
+    image_writable: bool  # the image file is writable and the driver can write
+    st: os.stat_result  # the image file's stat, for owner, mode and times
+    key: tuple[int, int, int, int]
+
+
+@dataclass(slots=True)
+class _Probed:
+    format: str | None  # None: not a disk
+    virtual_size: int
+    supports_write: bool
+    companions: tuple[str, ...]
+    error: str | None
+
+
+class DirectoryScanner:
+    def __init__(self, root: str, containment: chain.Containment) -> None:
+        self.root = os.path.abspath(root)
+        self.containment = containment
+        self._cache: dict[str, tuple[tuple[int, int, int, int], _Probed]] = {}
+        self._reported: set[tuple[str, str]] = set()
+
+    def scan(self) -> dict[str, ImageEntry]:
+        """The disks in the directory now, by exported name."""
+        found: list[tuple[str, os.stat_result, tuple[int, int, int, int], _Probed]] = []
+        claimed: set[str] = set()
+        seen_paths: set[str] = set()
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError as e:
+            log.error("%s: cannot list the images directory: %s", self.root, e.strerror)
+            return {}
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = os.path.join(self.root, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # vanished, or a dangling symlink
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+                continue
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._cache.get(path)
+            probed = (
+                cached[1] if cached and cached[0] == key else self._probe_safely(path, name, st)
+            )
+            self._cache[path] = (key, probed)
+            seen_paths.add(path)
+            claimed.update(probed.companions)
+            found.append((name, st, key, probed))
+        for stale in set(self._cache) - seen_paths:
+            del self._cache[stale]
+        entries: dict[str, ImageEntry] = {}
+        for name, st, key, probed in found:
+            if probed.format is None or os.path.realpath(os.path.join(self.root, name)) in claimed:
+                continue
+            if probed.error is not None:
+                self._report_once(name, probed.error)
+                continue
+            path = os.path.join(self.root, name)
+            writable = probed.supports_write and os.access(path, os.W_OK)
+            exported = name + EXPORT_SUFFIX
+            entries[exported] = ImageEntry(
+                exported, path, probed.format, probed.virtual_size, writable, st, key
+            )
+        return entries
+
+    def _report_once(self, name: str, error: str) -> None:
+        if (name, error) not in self._reported:
+            self._reported.add((name, error))
+            log.error("%s: not exported: %s", name, error)
+
+    def _probe_safely(self, path: str, name: str, st: os.stat_result) -> _Probed:
+        try:
+            return self._probe(path, name, st)
+        except Exception as e:  # a driver bug must not take the whole directory down
+            log.exception("%s: unexpected error while probing", name)
+            return _Probed("?", 0, False, (), f"unexpected error: {e!r}")
+
+    def _probe(self, path: str, name: str, st: os.stat_result) -> _Probed:
+        try:
+            self.containment.check(path, "image", self.root)
+            driver_cls = registry.probe_file(path)
+        except ImgfsError as e:
+            return _Probed("?", 0, False, (), str(e))
+        fmt = driver_cls.format_name
+        if fmt == "raw" and not looks_like_raw_disk(name, st.st_size):
+            return _Probed(None, 0, False, (), None)
+        companions = tuple(
+            os.path.realpath(chain.resolve_relative(c, path))
+            for c in driver_cls.companion_files(path)
+        )
+        if fmt == "raw":
+            return _Probed(fmt, st.st_size, True, companions, None)
+        try:
+            top = chain.open_chain(
+                path, fmt, read_only=True, cache=CacheMode.WRITEBACK, containment=self.containment
+            )
+        except ImgfsError as e:
+            return _Probed(fmt, 0, False, companions, str(e))
+        try:
+            return _Probed(fmt, top.virtual_size, driver_cls.supports_write, companions, None)
+        finally:
+            chain.close_chain(top)
