@@ -17,10 +17,10 @@ DEMO_IMAGES := demo/images
 MNT         := mnt
 PYTEST_ARGS ?=
 
-# Debian packages the build, the tests and the demo use (bsdextrautils: hexdump, which the demo
-# suggests). python3-venv / python3-dev are added by
-# `deps` only when $(PYTHON) lacks venv+ensurepip or its C headers (Debian's own python3 does; the
-# pyenv build on the development machines has both).
+# Debian packages the build, the tests and the demo use (bsdextrautils brings hexdump, which the
+# demo's hints use). python3-venv / python3-dev are added by `deps` only when $(PYTHON) lacks
+# venv+ensurepip or its C headers (Debian's own python3 does; the pyenv build on the development
+# machines has both).
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc \
                 qemu-utils qemu-system-common qemu-system-x86 \
                 fio fdisk e2fsprogs util-linux cpio strace \
