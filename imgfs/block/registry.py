@@ -24,6 +24,11 @@ def register(driver: type[BlockDriver]) -> type[BlockDriver]:
     return driver
 
 
+def unregister(format_name: str) -> None:
+    """Forget a driver (for drivers registered at run time, such as test doubles)."""
+    _DRIVERS.pop(format_name, None)
+
+
 def _load_all() -> None:
     # Importing every module under imgfs.formats runs their register() calls.
     global _loaded

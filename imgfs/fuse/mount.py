@@ -153,7 +153,9 @@ def unmount(mountpoint: str, timeout: float | None = None) -> None:
     )
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
-        reason = reason.removeprefix("fusermount3: ")
+        reason = reason.rpartition(": ")[2]
+        if "busy" in reason:
+            reason += " (a process still uses the mount; see fuser -m)"
         raise UsageError(f"cannot unmount {mountpoint}: {reason}")
     if pid is None or pid == os.getpid():
         return

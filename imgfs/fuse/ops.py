@@ -340,7 +340,7 @@ class ImageFS(pyfuse3.Operations):
             functools.partial(
                 open_disk,
                 entry.path,
-                entry.format,
+                None,  # probe again: a probed raw image keeps its guard against format changes
                 read_only=not writable,
                 cache=self.options.cache,
                 containment=self.containment,

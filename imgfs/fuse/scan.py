@@ -116,7 +116,13 @@ class DirectoryScanner:
                 self._report_once(name, probed.error)
                 continue
             path = os.path.join(self.root, name)
-            writable = probed.supports_write and os.access(path, os.W_OK)
+            # A file with no write bit is read-only even for root, who could write it anyway:
+            # chmod a-w is how people protect an image.
+            writable = (
+                probed.supports_write
+                and st.st_mode & 0o222 != 0
+                and os.access(path, os.W_OK)
+            )
             exported = name + EXPORT_SUFFIX
             entries[exported] = ImageEntry(
                 exported, path, probed.format, probed.virtual_size, writable, st, key
