@@ -64,13 +64,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     # Check before forking so that the common mistakes are reported by this process.
     check_images_dir(args.images_dir)
     check_mountpoint(args.mountpoint)
-    kwargs = dict(
-        allow_other=args.allow_other,
-        extra_options=args.o or [],
-        debug=args.debug,
-    )
+    kwargs = dict(allow_other=args.allow_other, extra_options=args.o or [])
     if args.foreground:
-        setup_logging(to_stderr=True, log_file=args.log, debug=args.debug)
+        setup_logging(to_stderr=True, log_file=log_file, debug=args.debug)
         return serve(args.images_dir, args.mountpoint, options, **kwargs)
     return _mount_in_background(args, options, log_file, kwargs)
 

@@ -93,7 +93,6 @@ def serve(
     *,
     allow_other: bool = False,
     extra_options: list[str] | None = None,
-    debug: bool = False,
     on_ready: Callable[[], None] | None = None,
 ) -> int:
     """Mount and serve until unmounted or signalled. Returns the exit status."""
@@ -101,8 +100,6 @@ def serve(
     mountpoint = check_mountpoint(mountpoint)
     fs = ImageFS(images_dir, options)
     opts = fuse_options(images_dir, options.read_only, allow_other, extra_options or [])
-    if debug:
-        opts.add("debug")
     try:
         pyfuse3.init(fs, mountpoint, opts)
     except RuntimeError as e:

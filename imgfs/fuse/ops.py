@@ -121,6 +121,8 @@ class ImageFS(pyfuse3.Operations):
         self._next_inode = ROOT + 1
         self._next_fh = 1
         self._last_scan = 0.0
+        # Read once (logging is set up before the mount) so the hot path tests a plain bool.
+        self.debug = log.isEnabledFor(logging.DEBUG)
         self.rescan(force=True)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -379,6 +381,8 @@ class ImageFS(pyfuse3.Operations):
     @fuse_errors(lambda self, fh, *a, **k: self._name_for(fh))
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         disk = self.image(fh).disk
+        if self.debug:
+            log.debug("%s: read %d+%d", disk.name, off, size)
         if not disk.reads_may_block:
             try:
                 with nowait_reads():
@@ -390,6 +394,8 @@ class ImageFS(pyfuse3.Operations):
     @fuse_errors(lambda self, fh, *a, **k: self._name_for(fh))
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         disk = self.image(fh).disk
+        if self.debug:
+            log.debug("%s: write %d+%d", disk.name, off, len(buf))
         if disk.writes_may_block:
             return await self.in_thread(disk.write, off, buf)
         return disk.write(off, buf)
@@ -402,6 +408,8 @@ class ImageFS(pyfuse3.Operations):
     @fuse_errors(lambda self, fh, *a, **k: self._name_for(fh))
     async def fsync(self, fh: int, datasync: bool) -> None:
         disk = self.image(fh).disk
+        if self.debug:
+            log.debug("%s: fsync", disk.name)
         await self.in_thread(disk.flush)
 
     @fuse_errors(lambda self, fh, *a, **k: self._name_for(fh))
