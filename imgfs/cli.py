@@ -50,7 +50,7 @@ def setup_logging(*, to_stderr: bool, log_file: str | None, debug: bool) -> None
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from imgfs.fuse.mount import check_images_dir, check_mountpoint, serve
+    from imgfs.fuse.mount import check_direct_io, check_images_dir, check_mountpoint, serve
     from imgfs.fuse.ops import MountOptions
 
     options = MountOptions(
@@ -64,6 +64,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     # Check before forking so that the common mistakes are reported by this process.
     check_images_dir(args.images_dir)
     check_mountpoint(args.mountpoint)
+    if options.cache.direct:
+        check_direct_io(args.images_dir)
     kwargs = dict(allow_other=args.allow_other, extra_options=args.o or [])
     if args.foreground:
         setup_logging(to_stderr=True, log_file=log_file, debug=args.debug)

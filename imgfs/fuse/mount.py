@@ -7,6 +7,7 @@ process exits. ``imgfs umount`` waits for that exit, so when it returns the imag
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -56,6 +57,24 @@ def check_mountpoint(mountpoint: str) -> str:
     if os.path.ismount(path) or any(point == path for point, _ in mount_table()):
         raise UsageError(f"mountpoint {mountpoint} is busy: something is already mounted there")
     return path
+
+
+def check_direct_io(images_dir: str) -> None:
+    """cache=none/directsync need O_DIRECT: fail the mount now, in one line, if the file system
+    holding the images refuses it (tried on the first regular file found)."""
+    for entry in os.scandir(images_dir):
+        if entry.is_file() and not entry.name.startswith("."):
+            try:
+                os.close(os.open(entry.path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC))
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    raise UsageError(
+                        f"the file system holding {images_dir} does not support O_DIRECT, "
+                        "which --cache none and directsync need; use --cache writeback "
+                        "or writethrough"
+                    ) from None
+                continue
+            return
 
 
 def fuse_options(images_dir: str, read_only: bool, allow_other: bool, extra: list[str]) -> set[str]:

@@ -119,9 +119,7 @@ class DirectoryScanner:
             # A file with no write bit is read-only even for root, who could write it anyway:
             # chmod a-w is how people protect an image.
             writable = (
-                probed.supports_write
-                and st.st_mode & 0o222 != 0
-                and os.access(path, os.W_OK)
+                probed.supports_write and st.st_mode & 0o222 != 0 and os.access(path, os.W_OK)
             )
             exported = name + EXPORT_SUFFIX
             entries[exported] = ImageEntry(

@@ -445,3 +445,33 @@ def test_background_mount_returns_when_ready_and_umount_waits(images: Path, tmp_
     finally:
         if is_mounted(mnt):
             subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+
+
+def test_cache_none_on_a_file_system_without_o_direct(tmp_path: Path) -> None:
+    ramfs = tmp_path / "ramfs"  # ramfs has no O_DIRECT (tmpfs has it since Linux 6.6)
+    ramfs.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(ramfs)], check=True)
+    try:
+        (ramfs / "disk.img").write_bytes(bytes(MiB))
+        target = tmp_path / "target"
+        target.mkdir()
+        line = one_line_error(run_imgfs("mount", "--cache", "none", str(ramfs), str(target)))
+        assert "O_DIRECT" in line and "--cache writeback" in line
+        assert not is_mounted(target)
+    finally:
+        subprocess.run(["umount", str(ramfs)], check=True)
+
+
+def test_kernel_cache_mode_reads_and_writes(images: Path, mount) -> None:
+    expected = bytearray(pattern_image(images / "disk.img", 4 * MiB))
+    m = mount(images, "--kernel-cache")
+    with open(m.file("disk.img"), "r+b") as f:
+        assert f.read() == expected
+        f.seek(12345)
+        f.write(b"cached write")
+        f.flush()
+        os.fsync(f.fileno())
+    expected[12345 : 12345 + 12] = b"cached write"
+    assert m.file("disk.img").read_bytes() == expected
+    m.umount()
+    assert (images / "disk.img").read_bytes() == expected
