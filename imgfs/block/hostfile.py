@@ -150,6 +150,7 @@ class HostFile:
             raise HostIOError(f"{path}: is a directory", errno.EISDIR)
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         self._rmw_lock = threading.Lock()
+        self._nowait_supported = True
         self.alignment = self._probe_alignment() if direct else 1
 
     # -- geometry -------------------------------------------------------------------------------
@@ -209,11 +210,16 @@ class HostFile:
         return b"".join(parts)
 
     def _pread_nowait(self, offset: int, length: int) -> memoryview:
+        if not self._nowait_supported:
+            raise WouldBlock
         buf = bytearray(length)
         try:
             got = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
         except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EOPNOTSUPP):
+            if e.errno == errno.EOPNOTSUPP:
+                self._nowait_supported = False  # this file system has no RWF_NOWAIT reads
+                raise WouldBlock from None
+            if e.errno == errno.EAGAIN:
                 raise WouldBlock from None
             raise HostIOError(f"{self.path}: read at {offset}: {e.strerror}", e.errno) from None
         if got < length and offset + got < self.size():

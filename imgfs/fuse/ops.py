@@ -231,7 +231,8 @@ class ImageFS(pyfuse3.Operations):
         text = os.fsdecode(name)
         if text == ".":
             return self.root_attributes()
-        self.rescan(force=text not in self.nodes)
+        if text not in self.nodes:
+            self.rescan()  # a new image may have appeared; rate-limited against lookup storms
         node = self.nodes.get(text)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -356,8 +357,9 @@ class ImageFS(pyfuse3.Operations):
         writable = self.writable(node.entry)
         if wants_write and not writable:
             raise pyfuse3.FUSEError(errno.EROFS if self.options.read_only else errno.EACCES)
-        if flags & os.O_TRUNC and wants_write:
-            raise pyfuse3.FUSEError(errno.EPERM)  # truncating a disk to 0 is never meant
+        # O_TRUNC is ignored, as a block device ignores it: `dd of=` and `cp` onto an exported
+        # disk overwrite its start and keep its size (libfuse's atomic_o_trunc passes the flag
+        # here instead of a setattr to size 0). An explicit truncate(1) still resizes.
         async with node.lock:
             image = node.open_image
             if image is None:

@@ -475,3 +475,23 @@ def test_kernel_cache_mode_reads_and_writes(images: Path, mount) -> None:
     assert m.file("disk.img").read_bytes() == expected
     m.umount()
     assert (images / "disk.img").read_bytes() == expected
+
+
+def test_dd_and_cp_onto_a_disk_keep_its_size(images: Path, mount, tmp_path: Path) -> None:
+    # Like a block device: O_TRUNC from dd (without conv=notrunc) or cp does not shrink the disk.
+    expected = bytearray(pattern_image(images / "disk.img", 4 * MiB))
+    iso = os.urandom(MiB + 4096)
+    (tmp_path / "small.iso").write_bytes(iso)
+    m = mount(images)
+    subprocess.run(
+        ["dd", f"if={tmp_path / 'small.iso'}", f"of={m.file('disk.img')}", "bs=1M", "status=none"],
+        check=True,
+        timeout=60,
+    )
+    assert os.stat(m.file("disk.img")).st_size == 4 * MiB
+    expected[: len(iso)] = iso
+    assert m.file("disk.img").read_bytes() == expected
+    subprocess.run(["cp", str(tmp_path / "small.iso"), str(m.file("disk.img"))], check=True)
+    assert m.file("disk.img").read_bytes() == expected
+    m.umount()
+    assert (images / "disk.img").read_bytes() == expected
