@@ -33,8 +33,15 @@ def mount(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     its log must hold no unexpected errors."""
     mounts: list[Mount] = []
 
-    def make(images: Path, *args: str, name: str = "mnt", preload: tuple[str, ...] = ()) -> Mount:
-        m = start_mount(images, tmp_path / name, tmp_path / f"{name}.log", *args, preload=preload)
+    def make(
+        images: Path,
+        *args: str,
+        name: str = "mnt",
+        at: Path | None = None,
+        preload: tuple[str, ...] = (),
+    ) -> Mount:
+        point = at if at is not None else tmp_path / name
+        m = start_mount(images, point, tmp_path / f"{name}.log", *args, preload=preload)
         mounts.append(m)
         return m
 

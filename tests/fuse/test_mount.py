@@ -495,3 +495,41 @@ def test_dd_and_cp_onto_a_disk_keep_its_size(images: Path, mount, tmp_path: Path
     assert m.file("disk.img").read_bytes() == expected
     m.umount()
     assert (images / "disk.img").read_bytes() == expected
+
+
+def _as_nobody(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *cmd],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_allow_other_follows_the_image_files_permissions(images: Path, mount) -> None:
+    import tempfile
+
+    (images / "public.img").write_bytes(b"p" * MiB)
+    (images / "private.img").write_bytes(b"s" * MiB)
+    os.chmod(images / "public.img", 0o644)
+    os.chmod(images / "private.img", 0o600)
+    base = Path(tempfile.mkdtemp(prefix="imgfs-allow-other-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        m = mount(images, "--allow-other", at=base / "mnt")
+        assert _as_nobody("head", "-c", "4", str(m.file("public.img"))).stdout == "pppp"
+        denied = _as_nobody("head", "-c", "4", str(m.file("private.img")))
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        denied = _as_nobody("dd", "if=/dev/zero", f"of={m.file('public.img')}", "count=1",
+                            "conv=notrunc")  # fmt: skip
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        m.umount()
+        m = mount(
+            images, name="mnt2", at=base / "mnt2"
+        )  # without --allow-other: nobody sees nothing
+        denied = _as_nobody("head", "-c", "4", str(m.file("public.img")))
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        m.umount()
+    finally:
+        for sub in ("mnt", "mnt2"):
+            if is_mounted(base / sub):
+                subprocess.run(["fusermount3", "-uz", str(base / sub)], check=False)
+        subprocess.run(["rm", "-rf", str(base)], check=False)
