@@ -533,3 +533,53 @@ def test_allow_other_follows_the_image_files_permissions(images: Path, mount) ->
             if is_mounted(base / sub):
                 subprocess.run(["fusermount3", "-uz", str(base / sub)], check=False)
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_check_of_a_format_without_metadata_says_so(images: Path) -> None:
+    (images / "disk.img").write_bytes(bytes(MiB))
+    result = run_imgfs("check", str(images / "disk.img"))
+    assert result.returncode == 63, result  # qemu-img check's status for "no check"
+    assert "has no check" in result.stderr
+    qemu = subprocess.run(["qemu-img", "check", str(images / "disk.img")], capture_output=True)
+    assert qemu.returncode == 63
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", CACHE_MODES)
+def test_random_io_soak(images: Path, mount, cache: str) -> None:
+    """The slow tier: many more random requests, from several threads, per cache mode."""
+    size = 64 * MiB + 1536
+    model = bytearray(os.urandom(size))
+    (images / "disk.img").write_bytes(model)
+    m = mount(images, "--cache", cache)
+    errors: list[str] = []
+    slots = 8
+    slot = size // slots
+
+    def worker(n: int) -> None:
+        rng = random.Random(f"{cache}-{n}")
+        fd = os.open(m.file("disk.img"), os.O_RDWR)
+        lo, hi = n * slot, (n + 1) * slot if n < slots - 1 else size
+        try:
+            for step in range(3000):
+                off = rng.randrange(lo, hi)
+                length = min(rng.choice([1, 511, 4096, 65537, 1 << 20]), hi - off)
+                if rng.random() < 0.5:
+                    data = rng.randbytes(length)
+                    os.pwrite(fd, data, off)
+                    model[off : off + length] = data
+                elif os.pread(fd, length, off) != model[off : off + length]:
+                    errors.append(f"worker {n} step {step}: wrong data at {off}+{length}")
+                if step % 500 == 499:
+                    os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(slots)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors[:5]
+    m.umount()
+    assert (images / "disk.img").read_bytes() == bytes(model)
