@@ -39,6 +39,12 @@ class Disk:
         self._write_gen = 0
         self._flushed_gen = 0
         self._closed = False
+        # How the FUSE layer routes requests; fixed for the life of the open chain.
+        # Reads go to a worker thread with O_DIRECT (they always wait for the device) or when a
+        # layer's reads are CPU-heavy; otherwise they run inline with RWF_NOWAIT.
+        self.reads_may_block = cache.direct or not all(n.cheap_reads for n in chain.layers(top))
+        # Writes go to a worker thread with O_DIRECT, or with writethrough (each write syncs).
+        self.writes_may_block = cache.direct or cache.writethrough
 
     # -- properties the FUSE layer uses to route requests ----------------------------------------
 
@@ -49,17 +55,6 @@ class Disk:
     @property
     def read_only(self) -> bool:
         return self.top.read_only
-
-    @property
-    def reads_may_block(self) -> bool:
-        """Reads should run on a worker thread: O_DIRECT (always waits for the device), or a
-        driver whose reads are CPU-heavy. Otherwise they run inline with RWF_NOWAIT."""
-        return self.cache.direct or not all(n.cheap_reads for n in chain.layers(self.top))
-
-    @property
-    def writes_may_block(self) -> bool:
-        """Writes should run on a worker thread: O_DIRECT, or writethrough (each write syncs)."""
-        return self.cache.direct or self.cache.writethrough
 
     # -- I/O ------------------------------------------------------------------------------------
 

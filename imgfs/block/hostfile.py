@@ -27,8 +27,8 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from typing import TypeVar
 
 from imgfs.errors import HostIOError, InvalidRequest, UsageError
 
@@ -59,28 +59,30 @@ class CacheMode(enum.Enum):
 class WouldBlock(Exception):
     """A read in non-blocking mode found data that is not in the page cache.
 
-    Raised only inside :func:`nowait_reads`; the caller retries the whole request on a thread.
+    Raised only inside :func:`call_nowait`; the caller retries the whole request on a thread.
     """
 
 
 _thread_state = threading.local()
+T = TypeVar("T")
 
 
-@contextmanager
-def nowait_reads() -> Iterator[None]:
-    """Within this block, buffered host reads on this thread use RWF_NOWAIT and raise
-    WouldBlock instead of waiting for the disk.
+def call_nowait(fn: Callable[..., T], *args: object) -> T:
+    """Call ``fn(*args)`` with buffered host reads on this thread in non-blocking mode: they use
+    RWF_NOWAIT and raise WouldBlock instead of waiting for the disk.
 
     This lets the trio thread serve page-cache hits inline (a thread hop costs ~120 us here)
     while a cold read is retried on a worker thread. Drivers must be exception-safe for reads
     (a read may fail at any host access and be retried), which the driver contract requires.
+    A plain function rather than a context manager: it runs once per FUSE read.
     """
-    previous = getattr(_thread_state, "nowait", False)
-    _thread_state.nowait = True
+    state = _thread_state
+    previous = getattr(state, "nowait", False)
+    state.nowait = True
     try:
-        yield
+        return fn(*args)
     finally:
-        _thread_state.nowait = previous
+        state.nowait = previous
 
 
 def aligned_buffer(size: int, alignment: int) -> memoryview:

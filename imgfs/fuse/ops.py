@@ -30,7 +30,7 @@ import trio
 
 from imgfs.block import chain
 from imgfs.block.disk import Disk, open_disk
-from imgfs.block.hostfile import CacheMode, WouldBlock, nowait_reads
+from imgfs.block.hostfile import CacheMode, WouldBlock, call_nowait
 from imgfs.errors import ImgfsError
 from imgfs.fuse.scan import DirectoryScanner, ImageEntry
 
@@ -387,8 +387,7 @@ class ImageFS(pyfuse3.Operations):
             log.debug("%s: read %d+%d", disk.name, off, size)
         if not disk.reads_may_block:
             try:
-                with nowait_reads():
-                    return disk.read(off, size)
+                return call_nowait(disk.read, off, size)
             except WouldBlock:
                 pass
         return await self.in_thread(disk.read, off, size)
