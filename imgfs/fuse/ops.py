@@ -123,19 +123,24 @@ class ImageFS(pyfuse3.Operations):
         self._last_scan = 0.0
         # Read once (logging is set up before the mount) so the hot path tests a plain bool.
         self.debug = log.isEnabledFor(logging.DEBUG)
-        self.rescan(force=True)
+        self._scan_lock = trio.Lock()
+        self._apply_scan(self.scanner.scan())  # before the loop starts: may block
 
     # -- helpers --------------------------------------------------------------------------------
 
     async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 
-    def rescan(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_scan < RESCAN_INTERVAL:
+    async def rescan(self, force: bool = False) -> None:
+        """Rescan IMAGES_DIR (at most every RESCAN_INTERVAL unless forced). Probing and opening
+        new images blocks, so the scan runs on a worker thread, one at a time."""
+        if not force and time.monotonic() - self._last_scan < RESCAN_INTERVAL:
             return
-        self._last_scan = now
-        entries = self.scanner.scan()
+        async with self._scan_lock:
+            self._last_scan = time.monotonic()
+            self._apply_scan(await self.in_thread(self.scanner.scan))
+
+    def _apply_scan(self, entries: dict[str, ImageEntry]) -> None:
         for name, entry in entries.items():
             node = self.nodes.get(name)
             if node is None:
@@ -151,15 +156,13 @@ class ImageFS(pyfuse3.Operations):
                 del self.nodes[name]
                 del self.by_inode[node.inode]
 
-    def _name_for(self, key: Any) -> str:
-        if isinstance(key, int):
-            image = self.handles.get(key)
-            if image is not None:
-                return image.entry.name
-            node = self.by_inode.get(key)
-            if node is not None:
-                return node.entry.name
-        return "imgfs"
+    def _inode_name(self, inode: int) -> str:
+        node = self.by_inode.get(inode)
+        return node.entry.name if node is not None else "imgfs"
+
+    def _fh_name(self, fh: int) -> str:
+        image = self.handles.get(fh)
+        return image.entry.name if image is not None else "imgfs"
 
     def writable(self, entry: ImageEntry) -> bool:
         return entry.image_writable and not self.options.read_only
@@ -232,7 +235,7 @@ class ImageFS(pyfuse3.Operations):
         if text == ".":
             return self.root_attributes()
         if text not in self.nodes:
-            self.rescan()  # a new image may have appeared; rate-limited against lookup storms
+            await self.rescan()  # a new image may have appeared; rate-limited
         node = self.nodes.get(text)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -245,7 +248,7 @@ class ImageFS(pyfuse3.Operations):
             return self.root_attributes()
         return self.attributes(self.node(inode))
 
-    @fuse_errors(lambda self, inode, *a, **k: self._name_for(inode))
+    @fuse_errors(lambda self, inode, *a, **k: self._inode_name(inode))
     async def setattr(
         self,
         inode: int,
@@ -277,7 +280,7 @@ class ImageFS(pyfuse3.Operations):
                 await self.in_thread(disk.resize, size)
             finally:
                 await self.in_thread(disk.close)
-            self.rescan(force=True)
+            await self.rescan(force=True)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode != ROOT:
@@ -286,7 +289,7 @@ class ImageFS(pyfuse3.Operations):
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         if start_id == 0:
-            self.rescan()
+            await self.rescan()
         names = sorted(self.nodes)
         for index in range(start_id, len(names)):
             node = self.nodes[names[index]]
@@ -350,7 +353,7 @@ class ImageFS(pyfuse3.Operations):
             )
         )
 
-    @fuse_errors(lambda self, inode, *a, **k: self._name_for(inode))
+    @fuse_errors(lambda self, inode, *a, **k: self._inode_name(inode))
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.node(inode)
         wants_write = (flags & os.O_ACCMODE) != os.O_RDONLY
@@ -380,7 +383,7 @@ class ImageFS(pyfuse3.Operations):
         direct = not self.options.kernel_cache
         return pyfuse3.FileInfo(fh=fh, direct_io=direct, keep_cache=not direct)
 
-    @fuse_errors(lambda self, fh, *a, **k: self._name_for(fh))
+    @fuse_errors(lambda self, fh, *a, **k: self._fh_name(fh))
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
         disk = self.image(fh).disk
         if self.debug:
@@ -392,7 +395,7 @@ class ImageFS(pyfuse3.Operations):
                 pass
         return await self.in_thread(disk.read, off, size)
 
-    @fuse_errors(lambda self, fh, *a, **k: self._name_for(fh))
+    @fuse_errors(lambda self, fh, *a, **k: self._fh_name(fh))
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         disk = self.image(fh).disk
         if self.debug:
@@ -406,14 +409,14 @@ class ImageFS(pyfuse3.Operations):
         # image is flushed when its last handle is released and at unmount.
         self.image(fh)
 
-    @fuse_errors(lambda self, fh, *a, **k: self._name_for(fh))
+    @fuse_errors(lambda self, fh, *a, **k: self._fh_name(fh))
     async def fsync(self, fh: int, datasync: bool) -> None:
         disk = self.image(fh).disk
         if self.debug:
             log.debug("%s: fsync", disk.name)
         await self.in_thread(disk.flush)
 
-    @fuse_errors(lambda self, fh, *a, **k: self._name_for(fh))
+    @fuse_errors(lambda self, fh, *a, **k: self._fh_name(fh))
     async def release(self, fh: int) -> None:
         image = self.handles.pop(fh, None)
         if image is None:
@@ -428,7 +431,7 @@ class ImageFS(pyfuse3.Operations):
                 node.open_image = None
             await self.in_thread(image.disk.close)
             log.info("%s: closed", image.entry.name)
-        self.rescan(force=True)
+        await self.rescan(force=True)  # the image file's size and times may have changed
 
     # -- shutdown -------------------------------------------------------------------------------
 
