@@ -4,7 +4,8 @@ formats land. Importing this module registers it.
 Layout: a 512-byte header ``TOYFMT01`` + virtual size (u64 LE) + backing name length (u16 LE)
 + backing name (UTF-8); then the guest data, sector by sector. A sector of all zeros in the file
 is "unallocated" and reads from the backing image (so it can only be written with non-zero data,
-which is all these tests need).
+which is all these tests need). A sector holding ``BUG_SECTOR`` makes reads of it raise a plain
+RuntimeError: a stand-in for a driver bug, to test how the layers above contain one.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ MAGIC = b"TOYFMT01"
 HEADER = struct.Struct("<8sQH")
 SECTOR = 512
 MAX_SIZE = 1 << 40
+BUG_SECTOR = b"BUG!" * (SECTOR // 4)
 
 
 def make_toy(path: Path, size: int, backing: str | None = None, data: bytes = b"") -> None:
@@ -70,7 +72,10 @@ class ToyDriver(BlockDriver):
         while length:
             ext = self.block_status(offset, length)
             if ext.allocation is Allocation.DATA:
-                out += self.file.pread(SECTOR + offset, ext.length)
+                data = bytes(self.file.pread(SECTOR + offset, ext.length))
+                if BUG_SECTOR in data:
+                    raise RuntimeError("toy driver bug triggered")
+                out += data
             else:
                 out += self.read_backing(offset, ext.length)
             offset += ext.length

@@ -78,16 +78,20 @@ def check_direct_io(images_dir: str) -> None:
 
 
 def fuse_options(images_dir: str, read_only: bool, allow_other: bool, extra: list[str]) -> set[str]:
-    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks owner and mode
-    opts.add("fsname=" + images_dir.replace(",", "_").replace(" ", "_"))
-    opts.add("subtype=imgfs")
+    """The libfuse mount options. ``extra`` (from -o) wins over ours for the same key."""
+    opts: dict[str, str] = {o.split("=", 1)[0]: o for o in pyfuse3.default_options}
+    # default_permissions (from pyfuse3's defaults): the kernel checks owner and mode.
+    opts["fsname"] = "fsname=" + images_dir.replace(",", "_").replace(" ", "_")
+    opts["subtype"] = "subtype=imgfs"
     if read_only:
-        opts.add("ro")
+        opts["ro"] = "ro"
     if allow_other:
-        opts.add("allow_other")
+        opts["allow_other"] = "allow_other"
     for item in extra:
-        opts.update(o for o in item.split(",") if o)
-    return opts
+        for option in item.split(","):
+            if option:
+                opts[option.split("=", 1)[0]] = option
+    return set(opts.values())
 
 
 async def _serve(fs: ImageFS) -> None:

@@ -22,7 +22,7 @@ from tests.oracle import (
     pattern_image,
     qemu_info,
 )
-from tests.toyformat import make_toy
+from tests.toyformat import BUG_SECTOR, make_toy
 
 MiB = 1024 * 1024
 CACHE_MODES = ["writeback", "none", "writethrough", "directsync", "unsafe"]
@@ -583,3 +583,32 @@ def test_random_io_soak(images: Path, mount, cache: str) -> None:
     assert not errors, errors[:5]
     m.umount()
     assert (images / "disk.img").read_bytes() == bytes(model)
+
+
+def test_a_driver_bug_is_eio_for_that_request_only(images: Path, mount) -> None:
+    make_toy(images / "buggy.toy", 8 * 512, data=b"A" * 512 + BUG_SECTOR + b"C" * 512)
+    (images / "other.img").write_bytes(b"o" * MiB)
+    m = mount(images, preload=("tests.toyformat",))
+    m.expected_log_errors = ["buggy.toy.raw: unexpected error in read", "Traceback"]
+    fd = os.open(m.file("buggy.toy"), os.O_RDONLY)
+    try:
+        assert os.pread(fd, 512, 0) == b"A" * 512
+        with pytest.raises(OSError) as info:
+            os.pread(fd, 512, 512)
+        assert info.value.errno == errno.EIO
+        assert os.pread(fd, 512, 1024) == b"C" * 512  # the image still works
+    finally:
+        os.close(fd)
+    assert m.file("other.img").read_bytes() == b"o" * MiB  # and so do the others
+    assert "buggy.toy.raw: unexpected error in read" in m.log_text()
+    assert "RuntimeError: toy driver bug triggered" in m.log_text()
+    m.umount()
+
+
+def test_extra_fuse_options_override_ours(images: Path, mount) -> None:
+    (images / "disk.img").write_bytes(bytes(MiB))
+    m = mount(images, "-o", "fsname=vmdisks")
+    with open("/proc/self/mounts") as f:
+        line = next(x for x in f if f" {m.path} " in x)
+    assert line.split()[0] == "vmdisks" and line.split()[2] == "fuse.imgfs"
+    m.umount()
