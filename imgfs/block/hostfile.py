@@ -307,26 +307,21 @@ class HostFile:
     def punch_hole(self, offset: int, length: int) -> bool:
         """Deallocate a range, keeping the size; it reads back as zeros. False when the host
         file system cannot punch holes (the caller then writes zeros if it must)."""
-        try:
-            _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-            return True
-        except OSError as e:
-            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                return False
-            raise HostIOError(
-                f"{self.path}: punch hole at {offset}: {e.strerror}", e.errno
-            ) from None
+        return self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length, "punch")
 
     def zero_range(self, offset: int, length: int) -> bool:
         """Make a range read as zeros with its blocks kept allocated; False when unsupported."""
+        return self._fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length, "zero")
+
+    def _fallocate(self, mode: int, offset: int, length: int, what: str) -> bool:
         try:
-            _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+            _fallocate(self.fd, mode, offset, length)
             return True
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                return False
+                return False  # the file system cannot do it
             raise HostIOError(
-                f"{self.path}: zero range at {offset}: {e.strerror}", e.errno
+                f"{self.path}: {what} range at {offset}: {e.strerror}", e.errno
             ) from None
 
     def truncate(self, size: int) -> None:
