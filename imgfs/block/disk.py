@@ -111,6 +111,11 @@ class Disk:
         with self._gen_lock:
             self._write_gen += 1
 
+    @property
+    def flush_pending(self) -> bool:
+        """A write completed since the last successful flush (so a flush has work to do)."""
+        return self._write_gen != self._flushed_gen
+
     def flush(self) -> None:
         """Make every write that completed before this call durable (per the cache mode)."""
         with self._flush_lock:

@@ -110,11 +110,6 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-# Requests never need bigger bounce buffers than this in one piece; bigger ones are split so a
-# hostile length cannot make us allocate unbounded memory in one go.
-MAX_IO_CHUNK = 64 * 1024 * 1024
-
-
 class HostFile:
     """One open host file. ``direct`` opens it with O_DIRECT; ``no_flush`` makes sync() a no-op.
 

@@ -414,7 +414,8 @@ class ImageFS(pyfuse3.Operations):
         disk = self.image(fh).disk
         if self.debug:
             log.debug("%s: fsync", disk.name)
-        await self.in_thread(disk.flush)
+        if disk.flush_pending:  # otherwise nothing to sync: spare the thread hop
+            await self.in_thread(disk.flush)
 
     @fuse_errors(lambda self, fh, *a, **k: self._fh_name(fh))
     async def release(self, fh: int) -> None:
