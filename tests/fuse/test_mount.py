@@ -612,3 +612,13 @@ def test_extra_fuse_options_override_ours(images: Path, mount) -> None:
         line = next(x for x in f if f" {m.path} " in x)
     assert line.split()[0] == "vmdisks" and line.split()[2] == "fuse.imgfs"
     m.umount()
+
+
+def test_truncate_where_the_format_cannot_resize_is_a_clear_errno(images: Path, mount) -> None:
+    make_toy(images / "fixed.toy", 4096)
+    m = mount(images, preload=("tests.toyformat",))
+    with pytest.raises(OSError) as info:
+        os.truncate(m.file("fixed.toy"), 8192)
+    assert info.value.errno == errno.EOPNOTSUPP
+    assert os.stat(m.file("fixed.toy")).st_size == 4096
+    m.umount()
