@@ -622,3 +622,17 @@ def test_truncate_where_the_format_cannot_resize_is_a_clear_errno(images: Path, 
     assert info.value.errno == errno.EOPNOTSUPP
     assert os.stat(m.file("fixed.toy")).st_size == 4096
     m.umount()
+
+
+def test_umount_cleans_up_after_a_killed_daemon(images: Path, mount) -> None:
+    (images / "disk.img").write_bytes(b"k" * MiB)
+    m = mount(images)
+    m.proc.kill()
+    m.proc.wait(timeout=10)
+    assert is_mounted(m.path)  # a dead mount: "Transport endpoint is not connected"
+    result = run_imgfs("umount", str(m.path))
+    assert result.returncode == 0, result.stderr
+    assert not is_mounted(m.path)
+    m2 = mount(images, name="mnt")  # the same mountpoint is usable again
+    assert m2.file("disk.img").read_bytes() == b"k" * MiB
+    m2.umount()
