@@ -11,12 +11,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from imgfs import __version__
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import ImgfsError, Unsupported
+
+if TYPE_CHECKING:
+    from imgfs.fuse.ops import MountOptions
 
 log = logging.getLogger("imgfs")
 
@@ -50,6 +54,7 @@ def setup_logging(*, to_stderr: bool, log_file: str | None, debug: bool) -> None
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    # The FUSE modules (pyfuse3, trio) load only for mount/umount: info and check start faster.
     from imgfs.fuse.mount import check_direct_io, check_images_dir, check_mountpoint, serve
     from imgfs.fuse.ops import MountOptions
 
@@ -74,7 +79,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _mount_in_background(
-    args: argparse.Namespace, options: object, log_file: str, kwargs: dict
+    args: argparse.Namespace, options: MountOptions, log_file: str, kwargs: dict[str, Any]
 ) -> int:
     """Fork a daemon; return when its mount is ready (0) or it failed (1, its error shown)."""
     from imgfs.fuse.mount import serve

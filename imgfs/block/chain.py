@@ -8,7 +8,9 @@ must not make imgfs read ``/etc/shadow`` on its behalf.
 
 from __future__ import annotations
 
+import errno
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +22,11 @@ from imgfs.errors import CorruptImage, HostIOError, ImgfsError, NotPermitted
 
 # Deep enough for any real chain; it bounds open files and recursion for hostile ones.
 MAX_CHAIN_DEPTH = 64
+# What a parser raises when it trips over bad data instead of validating it first: reported as a
+# corrupt image rather than a crash.
+PARSER_ERRORS = (
+    ValueError, IndexError, KeyError, OverflowError, UnicodeError, ZeroDivisionError, struct.error
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +110,16 @@ def _open_one(
     path: str, fmt: str | None, writable: bool, cache: CacheMode, containment: Containment
 ) -> BlockDriver:
     probed = fmt is None
-    probe_input = registry.read_probe_input(path)
-    driver_cls = registry.probe(probe_input) if probed else registry.get_driver(fmt)
+    probe_is_raw = None
+    if probed:
+        probe_input = registry.read_probe_input(path)
+        driver_cls = registry.probe(probe_input)
+
+        def probe_is_raw(head: bytes, tail: bytes) -> bool:
+            return registry.still_probes_raw(probe_input.filename, probe_input.size, head, tail)
+
+    else:
+        driver_cls = registry.get_driver(fmt)
     if writable and not driver_cls.supports_write:
         writable = False
     file = open_host_file(path, writable=writable, cache=cache)
@@ -118,9 +133,7 @@ def _open_one(
         read_only=not writable,
         cache=cache,
         probed=probed,
-        probe_is_raw=lambda head, tail: registry.still_probes_raw(
-            probe_input.filename, probe_input.size, head, tail
-        ),
+        probe_is_raw=probe_is_raw,
         open_file=open_companion,
     )
     try:
@@ -128,13 +141,13 @@ def _open_one(
     except ImgfsError:
         file.close()
         raise
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeError) as e:
+    except PARSER_ERRORS as e:
         # A parser that tripped over bad data instead of validating it: still a corrupt image.
         file.close()
         raise CorruptImage(f"{path}: corrupt {driver_cls.format_name} image ({e})") from e
     except OSError as e:
         file.close()
-        raise HostIOError(f"{path}: {e.strerror or e}", e.errno or 5) from e
+        raise HostIOError(f"{path}: {e.strerror or e}", e.errno or errno.EIO) from e
 
 
 def layers(top: BlockDriver) -> Iterator[BlockDriver]:
