@@ -140,6 +140,14 @@ class ImageFS(pyfuse3.Operations):
             self._last_scan = time.monotonic()
             self._apply_scan(await self.in_thread(self.scanner.scan))
 
+    async def _refresh(self, node: Node) -> None:
+        """Re-read one closed image's size, times and mode after imgfs changed it (a full rescan
+        per close would cost a directory scan on every last release)."""
+        async with self._scan_lock:
+            entry = await self.in_thread(self.scanner.refresh, os.path.basename(node.entry.path))
+        if entry is not None and node.open_image is None:
+            node.entry = entry
+
     def _apply_scan(self, entries: dict[str, ImageEntry]) -> None:
         for name, entry in entries.items():
             node = self.nodes.get(name)
@@ -280,7 +288,7 @@ class ImageFS(pyfuse3.Operations):
                 await self.in_thread(disk.resize, size)
             finally:
                 await self.in_thread(disk.close)
-            await self.rescan(force=True)
+            await self._refresh(node)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode != ROOT:
@@ -432,7 +440,8 @@ class ImageFS(pyfuse3.Operations):
                 node.open_image = None
             await self.in_thread(image.disk.close)
             log.info("%s: closed", image.entry.name)
-        await self.rescan(force=True)  # the image file's size and times may have changed
+            if node is not None:
+                await self._refresh(node)
 
     # -- shutdown -------------------------------------------------------------------------------
 

@@ -58,7 +58,6 @@ class ImageEntry:
     virtual_size: int
     image_writable: bool  # the image file is writable and the driver can write
     st: os.stat_result  # the image file's stat, for owner, mode and times
-    key: tuple[int, int, int, int]
 
 
 @dataclass(slots=True)
@@ -79,53 +78,65 @@ class DirectoryScanner:
 
     def scan(self) -> dict[str, ImageEntry]:
         """The disks in the directory now, by exported name."""
-        found: list[tuple[str, os.stat_result, tuple[int, int, int, int], _Probed]] = []
+        found: list[tuple[str, os.stat_result, _Probed]] = []
         claimed: set[str] = set()
-        seen_paths: set[str] = set()
         try:
             names = sorted(os.listdir(self.root))
         except OSError as e:
             log.error("%s: cannot list the images directory: %s", self.root, e.strerror)
             return {}
         for name in names:
-            if name.startswith("."):
-                continue
-            path = os.path.join(self.root, name)
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue  # vanished, or a dangling symlink
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                continue
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            cached = self._cache.get(path)
-            probed = (
-                cached[1] if cached and cached[0] == key else self._probe_safely(path, name, st)
-            )
-            self._cache[path] = (key, probed)
-            seen_paths.add(path)
-            claimed.update(probed.companions)
-            found.append((name, st, key, probed))
+            examined = self._examine(name)
+            if examined is not None:
+                claimed.update(examined[1].companions)
+                found.append((name, *examined))
+        seen_paths = {os.path.join(self.root, name) for name, _, _ in found}
         for stale in set(self._cache) - seen_paths:
             del self._cache[stale]
         entries: dict[str, ImageEntry] = {}
-        for name, st, key, probed in found:
-            if probed.format is None or os.path.realpath(os.path.join(self.root, name)) in claimed:
+        for name, st, probed in found:
+            if os.path.realpath(os.path.join(self.root, name)) in claimed:
                 continue
-            if probed.error is not None:
-                self._report_once(name, probed.error)
-                continue
-            path = os.path.join(self.root, name)
-            # A file with no write bit is read-only even for root, who could write it anyway:
-            # chmod a-w is how people protect an image.
-            writable = (
-                probed.supports_write and st.st_mode & 0o222 != 0 and os.access(path, os.W_OK)
-            )
-            exported = name + EXPORT_SUFFIX
-            entries[exported] = ImageEntry(
-                exported, path, probed.format, probed.virtual_size, writable, st, key
-            )
+            entry = self._entry(name, st, probed)
+            if entry is not None:
+                entries[entry.name] = entry
         return entries
+
+    def refresh(self, name: str) -> ImageEntry | None:
+        """One image file again (after imgfs changed it), without rescanning the directory."""
+        examined = self._examine(name)
+        return None if examined is None else self._entry(name, *examined)
+
+    def _examine(self, name: str) -> tuple[os.stat_result, _Probed] | None:
+        """Stat and probe one directory entry (probe results cached); None if it is not a
+        file that could be a disk."""
+        if name.startswith("."):
+            return None
+        path = os.path.join(self.root, name)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # vanished, or a dangling symlink
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            return None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._cache.get(path)
+        probed = cached[1] if cached and cached[0] == key else self._probe_safely(path, name, st)
+        self._cache[path] = (key, probed)
+        return st, probed
+
+    def _entry(self, name: str, st: os.stat_result, probed: _Probed) -> ImageEntry | None:
+        if probed.format is None:
+            return None
+        if probed.error is not None:
+            self._report_once(name, probed.error)
+            return None
+        path = os.path.join(self.root, name)
+        # A file with no write bit is read-only even for root, who could write it anyway:
+        # chmod a-w is how people protect an image.
+        writable = probed.supports_write and st.st_mode & 0o222 != 0 and os.access(path, os.W_OK)
+        exported = name + EXPORT_SUFFIX
+        return ImageEntry(exported, path, probed.format, probed.virtual_size, writable, st)
 
     def _report_once(self, name: str, error: str) -> None:
         if (name, error) not in self._reported:
