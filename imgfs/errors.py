@@ -46,6 +46,12 @@ class InvalidRequest(ImgfsError):
     errno = errno.EINVAL
 
 
+class NoSpace(ImgfsError):
+    """A write starting at or past the end of the disk, as a block device answers it."""
+
+    errno = errno.ENOSPC
+
+
 class NotPermitted(ImgfsError):
     """A write that imgfs refuses on purpose (for example one that would change a probed raw
     image into another format)."""

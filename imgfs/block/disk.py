@@ -12,7 +12,6 @@ It owns the driver chain and applies what is the same for every format:
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 
@@ -20,13 +19,7 @@ from imgfs.block import chain
 from imgfs.block.driver import BlockDriver, CheckResult, ImageInfo, RepairMode
 from imgfs.block.extent import Extent
 from imgfs.block.hostfile import CacheMode
-from imgfs.errors import ImgfsError, InvalidRequest, ReadOnly
-
-
-class NoSpace(ImgfsError):
-    """A write starting at or past the end of the disk."""
-
-    errno = errno.ENOSPC
+from imgfs.errors import InvalidRequest, NoSpace, ReadOnly
 
 
 class Disk:

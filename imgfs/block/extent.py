@@ -33,7 +33,3 @@ class Extent:
     allocation: Allocation
     depth: int = 0
     host_offset: int | None = None
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length

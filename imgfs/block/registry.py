@@ -24,11 +24,6 @@ def register(driver: type[BlockDriver]) -> type[BlockDriver]:
     return driver
 
 
-def unregister(format_name: str) -> None:
-    """Forget a driver (for drivers registered at run time, such as test doubles)."""
-    _DRIVERS.pop(format_name, None)
-
-
 def _load_all() -> None:
     # Importing every module under imgfs.formats runs their register() calls.
     global _loaded
@@ -39,11 +34,6 @@ def _load_all() -> None:
     for module in pkgutil.iter_modules(imgfs.formats.__path__):
         importlib.import_module(f"imgfs.formats.{module.name}")
     _loaded = True
-
-
-def drivers() -> dict[str, type[BlockDriver]]:
-    _load_all()
-    return dict(_DRIVERS)
 
 
 def get_driver(format_name: str) -> type[BlockDriver]:

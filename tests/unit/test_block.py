@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from imgfs.block import chain, registry
-from imgfs.block.disk import Disk, NoSpace, open_disk
+from imgfs.block.disk import Disk, open_disk
 from imgfs.block.driver import RepairMode
 from imgfs.block.extent import Allocation
 from imgfs.block.hostfile import CacheMode
-from imgfs.errors import CorruptImage, NotPermitted, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, NoSpace, NotPermitted, ReadOnly, Unsupported
 from tests.toyformat import SECTOR, make_toy
 
 
