@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from imgfs.block import registry
@@ -67,6 +67,7 @@ def open_chain(
     read_only: bool,
     cache: CacheMode = CacheMode.WRITEBACK,
     containment: Containment | None = None,
+    driver_options: Mapping[str, str] | None = None,
 ) -> BlockDriver:
     """Open ``path`` (format ``fmt``, or probed) and its whole backing chain.
 
@@ -83,7 +84,9 @@ def open_chain(
             if real in seen:
                 raise CorruptImage(f"{path}: backing chain loops back to {current_path}")
             seen.add(real)
-            driver = _open_one(current_path, current_fmt, writable, cache, containment)
+            driver = _open_one(
+                current_path, current_fmt, writable, cache, containment, driver_options or {}
+            )
             if parent is None:
                 top = driver
             else:
@@ -107,7 +110,12 @@ def open_chain(
 
 
 def _open_one(
-    path: str, fmt: str | None, writable: bool, cache: CacheMode, containment: Containment
+    path: str,
+    fmt: str | None,
+    writable: bool,
+    cache: CacheMode,
+    containment: Containment,
+    driver_options: Mapping[str, str],
 ) -> BlockDriver:
     probed = fmt is None
     probe_is_raw = None
@@ -135,6 +143,7 @@ def _open_one(
         probed=probed,
         probe_is_raw=probe_is_raw,
         open_file=open_companion,
+        driver_options=driver_options,
     )
     try:
         return driver_cls.open(file, options)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Mapping
 
 from imgfs.block import chain
 from imgfs.block.driver import BlockDriver, CheckResult, ImageInfo, RepairMode
@@ -157,7 +158,15 @@ def open_disk(
     read_only: bool = False,
     cache: CacheMode = CacheMode.WRITEBACK,
     containment: chain.Containment | None = None,
+    driver_options: Mapping[str, str] | None = None,
 ) -> Disk:
     """Open an image and its backing chain as a Disk."""
-    top = chain.open_chain(path, fmt, read_only=read_only, cache=cache, containment=containment)
+    top = chain.open_chain(
+        path,
+        fmt,
+        read_only=read_only,
+        cache=cache,
+        containment=containment,
+        driver_options=driver_options,
+    )
     return Disk(top, cache, os.path.basename(path))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
@@ -70,6 +70,9 @@ class OpenOptions:
     probed: bool = False
     probe_is_raw: Callable[[bytes, bytes], bool] | None = None
     open_file: Callable[[str, bool], HostFile] | None = None
+    #: Format-specific run-time options (``-o key=value`` of ``imgfs mount``/``info``), such as
+    #: qcow2's ``l2-cache-size``. A driver ignores keys it does not know.
+    driver_options: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +208,19 @@ class BlockDriver(ABC):
         the bad value) or Unsupported. Big tables load lazily. Does not open the backing
         image: the chain layer does, from ``backing_spec``."""
 
+    #: The ``-o`` options ``create`` understands, with one line of help each (``imgfs create
+    #: -f FMT -o help`` prints them). Empty when the driver cannot create images.
+    create_options: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def create(cls, path: str, size: int, options: Mapping[str, str]) -> None:
+        """Create a new, empty image of ``size`` guest bytes at ``path`` (the file may exist
+        and is then truncated), with qemu-img's ``-o`` options for this format as strings
+        (``backing_file``, ``backing_fmt``, ``cluster_size``...). Unknown keys or bad values
+        raise InvalidRequest naming them. The result must pass ``qemu-img check`` and open in
+        qemu-img. The CLI has already taken ``size`` from the backing image when none was given."""
+        raise Unsupported(f"imgfs cannot create {cls.format_name} images")
+
     # -- geometry -------------------------------------------------------------------------------
 
     @property
@@ -236,6 +252,16 @@ class BlockDriver(ABC):
         that points at it.
         """
         raise ReadOnly(f"{self.file.path}: the {self.format_name} driver cannot write")
+
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write whole clusters compressed (``imgfs convert -c``). ``offset`` and ``len(data)``
+        are multiples of :meth:`compressed_write_unit`, except a short last unit at the end of
+        the disk. Formats without compression raise Unsupported."""
+        raise Unsupported(f"the {self.format_name} format has no compressed clusters")
+
+    def compressed_write_unit(self) -> int:
+        """The size of the pieces :meth:`write_compressed` takes (the cluster size)."""
+        raise Unsupported(f"the {self.format_name} format has no compressed clusters")
 
     def flush(self) -> None:
         """Write dirty metadata in dependency order, then ``HostFile.sync()`` every file the
