@@ -1,4 +1,4 @@
-"""The imgfs command line: mount, umount, info, check.
+"""The imgfs command line: mount, umount, info, check, create, convert.
 
 Errors are one line on stderr (``imgfs: error: ...``) with exit status 1; usage errors exit 2.
 """
@@ -17,7 +17,7 @@ from imgfs import __version__
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
-from imgfs.errors import ImgfsError, Unsupported
+from imgfs.errors import ImgfsError, Unsupported, UsageError
 
 if TYPE_CHECKING:
     from imgfs.fuse.ops import MountOptions
@@ -58,12 +58,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from imgfs.fuse.mount import check_direct_io, check_images_dir, check_mountpoint, serve
     from imgfs.fuse.ops import MountOptions
 
+    fuse_opts, driver_opts = split_mount_options(args.o or [])
     options = MountOptions(
         cache=CacheMode(args.cache),
         read_only=args.read_only,
         kernel_cache=args.kernel_cache,
         aio_threads=args.aio_threads,
         allow_external_files=args.allow_external_files,
+        writable_backing=args.writable_backing,
+        driver_options=driver_opts,
     )
     log_file = args.log or default_log_path(args.mountpoint)
     # Check before forking so that the common mistakes are reported by this process.
@@ -71,11 +74,29 @@ def cmd_mount(args: argparse.Namespace) -> int:
     check_mountpoint(args.mountpoint)
     if options.cache.direct:
         check_direct_io(args.images_dir)
-    kwargs = dict(allow_other=args.allow_other, extra_options=args.o or [])
+    kwargs = dict(allow_other=args.allow_other, extra_options=fuse_opts)
     if args.foreground:
         setup_logging(to_stderr=True, log_file=log_file, debug=args.debug)
         return serve(args.images_dir, args.mountpoint, options, **kwargs)
     return _mount_in_background(args, options, log_file, kwargs)
+
+
+def split_mount_options(items: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``-o`` items into FUSE options and format run-time options (the keys some driver names
+    in ``runtime_options``, such as ``l2-cache-size``)."""
+    from imgfs.block import registry
+
+    driver_keys = {key for d in registry.all_drivers() for key in d.runtime_options}
+    fuse: list[str] = []
+    driver: dict[str, str] = {}
+    for item in items:
+        for option in item.split(","):
+            key, _, value = option.partition("=")
+            if key in driver_keys:
+                driver[key] = value
+            elif option:
+                fuse.append(option)
+    return fuse, driver
 
 
 def _mount_in_background(
@@ -239,6 +260,70 @@ def cmd_check(args: argparse.Namespace) -> int:
     return result.exit_status
 
 
+# -- create / convert ---------------------------------------------------------------------------
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    from imgfs.create import create_image, options_help, parse_options, parse_size
+
+    options = parse_options(args.o)
+    if options.pop("help", None) is not None:
+        print(options_help(args.format))
+        return 0
+    if args.backing_file:
+        options["backing_file"] = args.backing_file
+    if args.backing_format:
+        options["backing_fmt"] = args.backing_format
+    if args.filename is None:
+        raise UsageError("FILE is needed")
+    size = parse_size(args.size) if args.size is not None else None
+    size = create_image(args.filename, args.format, size, options)
+    if not args.quiet:
+        opts = "".join(f" {k}={v}" for k, v in options.items())
+        print(f"Formatting '{args.filename}', fmt={args.format} size={size}{opts}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from imgfs.convert import convert
+    from imgfs.create import parse_options
+
+    bar = _ProgressBar() if args.progress else None
+    try:
+        convert(
+            args.source,
+            args.destination,
+            src_fmt=args.source_format,
+            dst_fmt=args.output_format,
+            options=parse_options(args.o),
+            compress=args.compress,
+            progress=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    return 0
+
+
+class _ProgressBar:
+    """A tqdm bar made on the first update, when the disk's size is known."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc="convert", file=sys.stderr)  # fmt: skip
+        self._bar.update(done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 # -- argument parsing ---------------------------------------------------------------------------
 
 
@@ -291,7 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let images use backing/extent files outside IMAGES_DIR",
     )
-    p.add_argument("-o", action="append", metavar="OPT[,OPT...]", help="extra FUSE mount options")
+    p.add_argument(
+        "--writable-backing",
+        action="store_true",
+        help="let disks that other disks use as backing images be written (corrupts overlays)",
+    )
+    p.add_argument(
+        "-o",
+        action="append",
+        metavar="OPT[,OPT...]",
+        help="FUSE mount options, and format options such as l2-cache-size=SIZE",
+    )
     p.add_argument("--log", metavar="FILE", help="log file (default: under $XDG_STATE_HOME)")
     p.add_argument("--debug", action="store_true", help="log every request")
     p.set_defaults(func=cmd_mount)
@@ -313,6 +408,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--repair", choices=["leaks", "all"])
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("create", help="create a new image (like qemu-img create)")
+    p.add_argument("-f", "--format", required=True, help="image format (qcow2, vmdk, raw, ...)")
+    p.add_argument("-o", action="append", metavar="OPT=VAL[,...]",
+                   help="format options; -o help lists them")  # fmt: skip
+    p.add_argument("-b", "--backing-file", help="backing image (same as -o backing_file=)")
+    p.add_argument("-F", "--backing-format", help="backing image format (-o backing_fmt=)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("filename", metavar="FILE", nargs="?")
+    p.add_argument("size", metavar="SIZE", nargs="?", help="bytes, or with a k/M/G/T suffix")
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("convert", help="copy an image into a new one (like qemu-img convert)")
+    p.add_argument("-f", dest="source_format", metavar="FMT", help="source format (default: probe)")
+    p.add_argument("-O", dest="output_format", metavar="FMT", default="raw",
+                   help="output format (default: raw)")  # fmt: skip
+    p.add_argument("-o", action="append", metavar="OPT=VAL[,...]", help="output format options")
+    p.add_argument("-c", dest="compress", action="store_true", help="write compressed clusters")
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("destination", metavar="DST")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

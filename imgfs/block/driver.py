@@ -208,6 +208,11 @@ class BlockDriver(ABC):
         the bad value) or Unsupported. Big tables load lazily. Does not open the backing
         image: the chain layer does, from ``backing_spec``."""
 
+    #: Run-time options this driver reads from ``OpenOptions.driver_options`` (``imgfs mount -o
+    #: KEY=VALUE``), with one line of help each. The mount sends a ``-o`` key here instead of to
+    #: FUSE when some driver names it.
+    runtime_options: ClassVar[dict[str, str]] = {}
+
     #: The ``-o`` options ``create`` understands, with one line of help each (``imgfs create
     #: -f FMT -o help`` prints them). Empty when the driver cannot create images.
     create_options: ClassVar[dict[str, str]] = {}

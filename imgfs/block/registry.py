@@ -45,6 +45,12 @@ def get_driver(format_name: str) -> type[BlockDriver]:
         raise Unsupported(f"unknown format {format_name!r} (known: {known})") from None
 
 
+def all_drivers() -> list[type[BlockDriver]]:
+    """Every registered driver, by format name."""
+    _load_all()
+    return [_DRIVERS[name] for name in sorted(_DRIVERS)]
+
+
 def read_probe_input(path: str) -> ProbeInput:
     """Read what the probes look at: the first 64 KiB and the last 4 KiB of the file."""
     try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Mapping
 from typing import Self
 
 from imgfs.block.driver import (
@@ -36,6 +38,25 @@ class RawDriver(BlockDriver):
     @classmethod
     def open(cls, file: HostFile, options: OpenOptions) -> Self:
         return cls(file, options)
+
+    create_options = {
+        "preallocation": "off (sparse; the default), falloc (reserve space), full (write zeros)"
+    }
+
+    @classmethod
+    def create(cls, path: str, size: int, options: Mapping[str, str]) -> None:
+        prealloc = options.get("preallocation", "off")
+        if prealloc not in ("off", "falloc", "full"):
+            raise InvalidRequest(f"preallocation must be off, falloc or full, not {prealloc!r}")
+        with open(path, "wb") as f:
+            if prealloc == "full":
+                chunk = bytes(1024 * 1024)
+                for start in range(0, size, len(chunk)):
+                    f.write(chunk[: min(len(chunk), size - start)])
+            else:
+                f.truncate(size)
+                if prealloc == "falloc" and size:
+                    os.posix_fallocate(f.fileno(), 0, size)
 
     @property
     def virtual_size(self) -> int:

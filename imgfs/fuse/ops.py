@@ -55,6 +55,10 @@ class MountOptions:
     kernel_cache: bool = False
     aio_threads: int = 4
     allow_external_files: bool = False
+    # Let base images that other disks in the directory build on be written.
+    writable_backing: bool = False
+    # Format run-time options (-o KEY=VALUE that a driver names, e.g. l2-cache-size).
+    driver_options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -113,7 +117,9 @@ class ImageFS(pyfuse3.Operations):
         self.containment = chain.Containment(
             None if options.allow_external_files else self.images_dir
         )
-        self.scanner = DirectoryScanner(self.images_dir, self.containment)
+        self.scanner = DirectoryScanner(
+            self.images_dir, self.containment, protect_backing=not options.writable_backing
+        )
         self.limiter = trio.CapacityLimiter(max(1, options.aio_threads))
         self.nodes: dict[str, Node] = {}  # by exported name
         self.by_inode: dict[int, Node] = {}
@@ -144,7 +150,7 @@ class ImageFS(pyfuse3.Operations):
         """Re-read one closed image's size, times and mode after imgfs changed it (a full rescan
         per close would cost a directory scan on every last release)."""
         async with self._scan_lock:
-            entry = await self.in_thread(self.scanner.refresh, os.path.basename(node.entry.path))
+            entry = await self.in_thread(self.scanner.refresh, node.entry.source_name)
         if entry is not None and node.open_image is None:
             node.entry = entry
 
@@ -358,6 +364,7 @@ class ImageFS(pyfuse3.Operations):
                 read_only=not writable,
                 cache=self.options.cache,
                 containment=self.containment,
+                driver_options=self.options.driver_options,
             )
         )
 

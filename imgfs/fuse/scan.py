@@ -4,6 +4,11 @@ Every regular file is probed. A file that a real format claims is a disk; the fi
 disk owns (extents, external data files) are not. A file that only raw claims is a disk when its
 name or size says so (see :func:`looks_like_raw_disk`), so that README.txt or a key file next to
 the images is not exported as a disk. Probe results are cached by (device, inode, size, mtime).
+
+A disk that another disk in the directory uses as its backing image is exported read-only
+(unless the mount says otherwise): writing a base image silently corrupts every overlay on it.
+A Parallels Desktop bundle (a ``NAME.hdd`` directory holding ``DiskDescriptor.xml``) is one disk,
+opened through its descriptor.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ NON_DISK_EXTENSIONS = frozenset(
     }
 )  # fmt: skip
 SECTOR = 512
+# A directory that is one disk, and the file inside it that the driver opens.
+BUNDLE_DESCRIPTORS = {".hdd": "DiskDescriptor.xml"}
 
 
 def looks_like_raw_disk(name: str, size: int) -> bool:
@@ -53,11 +60,14 @@ class ImageEntry:
     """One exported disk as the directory scan found it."""
 
     name: str  # the exported name, NAME.raw
-    path: str  # the image file
+    path: str  # the image file (a bundle's descriptor)
     format: str
     virtual_size: int
     image_writable: bool  # the image file is writable and the driver can write
     st: os.stat_result  # the image file's stat, for owner, mode and times
+    source_name: str = ""  # the entry in IMAGES_DIR (a file, or a bundle directory)
+    # Why a writable image is exported read-only anyway (it is another disk's backing image).
+    read_only_reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -67,14 +77,20 @@ class _Probed:
     supports_write: bool
     companions: tuple[str, ...]
     error: str | None
+    backing_files: tuple[str, ...] = ()  # real paths of every image under this one
 
 
 class DirectoryScanner:
-    def __init__(self, root: str, containment: chain.Containment) -> None:
+    def __init__(
+        self, root: str, containment: chain.Containment, protect_backing: bool = True
+    ) -> None:
         self.root = os.path.abspath(root)
         self.containment = containment
+        self.protect_backing = protect_backing
         self._cache: dict[str, tuple[tuple[int, int, int, int], _Probed]] = {}
         self._reported: set[tuple[str, str]] = set()
+        # real path of a backing image -> the exported disk that uses it (from the last scan)
+        self._backing_users: dict[str, str] = {}
 
     def scan(self) -> dict[str, ImageEntry]:
         """The disks in the directory now, by exported name."""
@@ -90,12 +106,18 @@ class DirectoryScanner:
             if examined is not None:
                 claimed.update(examined[1].companions)
                 found.append((name, *examined))
-        seen_paths = {os.path.join(self.root, name) for name, _, _ in found}
+        seen_paths = {self._image_path(name) for name, _, _ in found}
         for stale in set(self._cache) - seen_paths:
             del self._cache[stale]
+        self._backing_users = {
+            backing: name + EXPORT_SUFFIX
+            for name, _, probed in found
+            if probed.error is None
+            for backing in probed.backing_files
+        }
         entries: dict[str, ImageEntry] = {}
         for name, st, probed in found:
-            if os.path.realpath(os.path.join(self.root, name)) in claimed:
+            if os.path.realpath(self._image_path(name)) in claimed:
                 continue
             entry = self._entry(name, st, probed)
             if entry is not None:
@@ -107,16 +129,24 @@ class DirectoryScanner:
         examined = self._examine(name)
         return None if examined is None else self._entry(name, *examined)
 
+    def _image_path(self, name: str) -> str:
+        """The file to open for directory entry ``name``: itself, or a bundle's descriptor."""
+        path = os.path.join(self.root, name)
+        descriptor = BUNDLE_DESCRIPTORS.get(os.path.splitext(name)[1].lower())
+        if descriptor is not None and os.path.isdir(path):
+            return os.path.join(path, descriptor)
+        return path
+
     def _examine(self, name: str) -> tuple[os.stat_result, _Probed] | None:
         """Stat and probe one directory entry (probe results cached); None if it is not a
         file that could be a disk."""
         if name.startswith("."):
             return None
-        path = os.path.join(self.root, name)
+        path = self._image_path(name)
         try:
             st = os.stat(path)
         except OSError:
-            return None  # vanished, or a dangling symlink
+            return None  # vanished, a dangling symlink, a bundle without its descriptor
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             return None
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -131,17 +161,27 @@ class DirectoryScanner:
         if probed.error is not None:
             self._report_once(name, probed.error)
             return None
-        path = os.path.join(self.root, name)
+        path = self._image_path(name)
         # A file with no write bit is read-only even for root, who could write it anyway:
         # chmod a-w is how people protect an image.
         writable = probed.supports_write and st.st_mode & 0o222 != 0 and os.access(path, os.W_OK)
         exported = name + EXPORT_SUFFIX
-        return ImageEntry(exported, path, probed.format, probed.virtual_size, writable, st)
+        reason = None
+        user = self._backing_users.get(os.path.realpath(path))
+        if writable and self.protect_backing and user is not None:
+            writable = False
+            reason = f"it is the backing image of {user} (--writable-backing allows writing it)"
+            self._report_once(name, f"exported read-only: {reason}", level=logging.INFO)
+        return ImageEntry(
+            exported, path, probed.format, probed.virtual_size, writable, st, name, reason
+        )
 
-    def _report_once(self, name: str, error: str) -> None:
-        if (name, error) not in self._reported:
-            self._reported.add((name, error))
-            log.error("%s: not exported: %s", name, error)
+    def _report_once(self, name: str, message: str, level: int = logging.ERROR) -> None:
+        if (name, message) not in self._reported:
+            self._reported.add((name, message))
+            if level == logging.ERROR:
+                message = f"not exported: {message}"
+            log.log(level, "%s: %s", name, message)
 
     def _probe_safely(self, path: str, name: str, st: os.stat_result) -> _Probed:
         try:
@@ -172,6 +212,9 @@ class DirectoryScanner:
         except ImgfsError as e:
             return _Probed(fmt, 0, False, companions, str(e))
         try:
-            return _Probed(fmt, top.virtual_size, driver_cls.supports_write, companions, None)
+            backing = tuple(os.path.realpath(n.file.path) for n in list(chain.layers(top))[1:])
+            return _Probed(
+                fmt, top.virtual_size, driver_cls.supports_write, companions, None, backing
+            )
         finally:
             chain.close_chain(top)

@@ -636,3 +636,23 @@ def test_umount_cleans_up_after_a_killed_daemon(images: Path, mount) -> None:
     m2 = mount(images, name="mnt")  # the same mountpoint is usable again
     assert m2.file("disk.img").read_bytes() == b"k" * MiB
     m2.umount()
+
+
+def test_a_base_image_other_disks_build_on_is_read_only(images: Path, mount) -> None:
+    base = pattern_image(images / "base.img", 64 * 1024)
+    make_toy(images / "top.toy", 64 * 1024, "base.img")
+    pattern_image(images / "alone.img", 64 * 1024)
+    m = mount(images, preload=("tests.toyformat",))
+    assert m.file("top.toy").read_bytes() == base  # the overlay reads through to its base
+    assert os.stat(m.file("base.img")).st_mode & 0o222 == 0
+    with pytest.raises(PermissionError):
+        open(m.file("base.img"), "r+b")
+    with open(m.file("alone.img"), "r+b") as f:  # a disk nobody builds on stays writable
+        f.write(b"x")
+    assert "base.img: exported read-only: it is the backing image of top.toy.raw" in m.log_text()
+    m.umount()
+    m = mount(images, "--writable-backing", preload=("tests.toyformat",), name="mnt2")
+    with open(m.file("base.img"), "r+b") as f:
+        f.write(b"y")
+    m.umount()
+    assert (images / "base.img").read_bytes()[:1] == b"y"
