@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""imgfs against qemu-storage-daemon's FUSE export, format by format, in one run.
+
+The shared harness (bench/run.sh → ../shared/bench/peers.sh) knows raw, qcow2 and vmdk only. This
+script covers every format both tools read: for each format it makes a fully allocated image
+from the same source (random data, or compressible text for the compressed variants) and an
+empty one, mounts it with each peer, and runs fio: sequential 1 MiB reads (buffered and
+O_DIRECT), random 16 KiB reads (O_DIRECT) on the full image, then sequential 1 MiB writes
+(allocating) and random 16 KiB writes on the empty one. Peers alternate order between
+repetitions; medians are reported with imgfs/qsd ratios.
+
+Usage: bench/formats.py [--size 1G] [--reps 3] [--runtime 3] [--formats qcow2,vpc,...]
+Results: bench/results/formats-<date>.{tsv,md}. Needs root (FUSE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+IMGFS = HERE.parent / ".venv" / "bin" / "imgfs"
+
+# format -> (qemu-img create/convert format, -o options, writable in both peers)
+FORMATS: dict[str, tuple[str, str, bool]] = {
+    "raw": ("raw", "", True),
+    "qcow2": ("qcow2", "cluster_size=65536", True),
+    "qcow2-zlib": ("qcow2", "cluster_size=65536,compression_type=zlib", False),
+    "qcow": ("qcow", "", True),
+    "qed": ("qed", "", True),
+    "vmdk": ("vmdk", "subformat=monolithicSparse", True),
+    "vpc": ("vpc", "subformat=dynamic", True),
+    "vhdx": ("vhdx", "subformat=dynamic", True),
+    "vdi": ("vdi", "", True),
+    "parallels": ("parallels", "", True),
+    "cloop": ("cloop", "", False),
+}
+COMPRESSED = {"qcow2-zlib", "cloop"}
+READS = ["seqR-1M", "seqR-1M-d1", "randR-16k-d1"]
+WRITES = ["seqW-1M-d1", "randW-16k-d1"]
+
+
+def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+def make_sources(work: Path, size: int) -> tuple[Path, Path]:
+    random_src = work / "random.raw"
+    with open(random_src, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 << 20)
+            f.write(os.urandom(n))
+            left -= n
+    text_src = work / "text.raw"
+    # base64 of random bytes: zlib shrinks it to ~77%, so every cluster stays compressed.
+    run(
+        [
+            "bash",
+            "-c",
+            f"head -c {size * 3 // 4} /dev/urandom | base64 -w0 | head -c {size} > {text_src}",
+        ]
+    )
+    return random_src, text_src
+
+
+def make_image(
+    name: str, work: Path, sources: tuple[Path, Path], size: int
+) -> tuple[Path, Path | None]:
+    fmt, opts, writable = FORMATS[name]
+    src = sources[1] if name in COMPRESSED else sources[0]
+    ext = {"qcow2-zlib": "qcow2"}.get(name, fmt)
+    full = work / f"{name}-full.{ext}"
+    if name == "cloop":
+        run(
+            [
+                "bash",
+                "-c",
+                f"create_compressed_fs -q -B 65536 {src} {full} 2>/dev/null || create_compressed_fs -B 65536 {src} {full}",
+            ]
+        )
+    else:
+        cmd = ["qemu-img", "convert", "-f", "raw", "-O", fmt] + (["-o", opts] if opts else [])
+        if name in COMPRESSED:
+            cmd.append("-c")
+        run(cmd + [str(src), str(full)])
+    empty = None
+    if writable:
+        empty = work / f"{name}-empty.{ext}"
+        run(
+            ["qemu-img", "create", "-f", fmt]
+            + (["-o", opts] if opts else [])
+            + [str(empty), str(size)]
+        )
+    return full, empty
+
+
+class Peer:
+    def __init__(self, kind: str, image: Path, fmt: str, mdir: Path, writable: bool) -> None:
+        self.kind, self.image, self.fmt, self.mdir, self.writable = kind, image, fmt, mdir, writable
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Path:
+        self.mdir.mkdir(parents=True)
+        imgdir = self.mdir / "imgs"
+        imgdir.mkdir()
+        link = imgdir / self.image.name
+        os.link(self.image, link)
+        # Warm the host page cache: the run measures the exporters, not the disk.
+        subprocess.run(["cat", str(link)], stdout=subprocess.DEVNULL, check=True)
+        if self.kind == "imgfs":
+            self.mnt = self.mdir / "mnt"
+            self.mnt.mkdir()
+            cmd = [
+                str(IMGFS),
+                "mount",
+                "--foreground",
+                "--log",
+                str(self.mdir / "imgfs.log"),
+                str(imgdir),
+                str(self.mnt),
+            ]
+            exported = self.mnt / (self.image.name + ".raw")
+        else:
+            self.mnt = self.mdir / "export"
+            self.mnt.touch()
+            cmd = [
+                "qemu-storage-daemon",
+                "--blockdev",
+                f"driver=file,node-name=f,filename={link}",
+                "--blockdev",
+                f"driver={self.fmt},node-name=q,file=f",
+                "--export",
+                f"type=fuse,id=e,node-name=q,mountpoint={self.mnt},writable={'on' if self.writable else 'off'}",
+            ]
+            exported = self.mnt
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.mdir / "peer.log", "w"),
+            start_new_session=True,
+        )
+        try:
+            return self._wait_ready(exported)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _wait_ready(self, exported: Path) -> Path:
+        assert self.proc is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if str(self.mnt) in Path("/proc/self/mountinfo").read_text() and exported.exists():
+                return exported
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} failed: {(self.mdir / 'peer.log').read_text()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.kind}: mount timed out")
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        if self.kind == "imgfs":
+            subprocess.run([str(IMGFS), "umount", str(self.mnt)], capture_output=True)
+        else:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+
+
+def fio(path: Path, workload: str, runtime: int, size: int) -> float:
+    kind, bs = workload.split("-")[0], workload.split("-")[1]
+    rw = {"seqR": "read", "randR": "randread", "seqW": "write", "randW": "randwrite"}[kind]
+    direct = "1" if workload.endswith("-d1") else "0"
+    out = run(
+        [
+            "fio",
+            "--name=j",
+            f"--filename={path}",
+            f"--rw={rw}",
+            f"--bs={bs}",
+            f"--direct={direct}",
+            "--ioengine=psync",
+            "--iodepth=1",
+            "--numjobs=1",
+            "--time_based",
+            f"--runtime={runtime}",
+            f"--size={size}",
+            "--norandommap",
+            "--randrepeat=1",
+            "--allow_file_create=0",
+            "--fallocate=none",
+            "--thread",
+            "--output-format=json",
+        ]
+    ).stdout
+    job = json.loads(out)["jobs"][0]
+    side = job["read"] if rw.endswith("read") else job["write"]
+    return side["iops"] if bs == "16k" else side["bw_bytes"] / 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=3)
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--peers", default="qsd,imgfs")
+    args = ap.parse_args()
+    size = (
+        int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1]]
+        if args.size[-1] in "MG"
+        else int(args.size)
+    )
+    formats = args.formats.split(",")
+    peers = args.peers.split(",")
+    results_dir = HERE / "results"
+    results_dir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = Path(tempfile.mkdtemp(prefix="imgfs-fmtbench-", dir="/tmp"))
+    rows: list[tuple[int, str, str, str, float]] = []
+    try:
+        print(f"making sources ({args.size}) in {work}", file=sys.stderr)
+        sources = make_sources(work, size)
+        for name in formats:
+            fmt, _, writable = FORMATS[name]
+            full, empty = make_image(name, work, sources, size)
+            for rep in range(args.reps):
+                order = peers if rep % 2 == 0 else peers[::-1]
+                for peer in order:
+                    with Peer(
+                        peer, full, fmt, work / f"m{rep}-{peer}-{name}-r", writable=False
+                    ) as f:
+                        for w in READS:
+                            v = fio(f, w, args.runtime, size)
+                            rows.append((rep, peer, name, w, v))
+                            print(f"{rep} {peer:6} {name:11} {w:13} {v:10.1f}", file=sys.stderr)
+                    if empty is None:
+                        continue
+                    copy = work / f"w{rep}-{peer}-{empty.name}"
+                    shutil.copyfile(empty, copy)
+                    with Peer(
+                        peer, copy, fmt, work / f"m{rep}-{peer}-{name}-w", writable=True
+                    ) as f:
+                        for w in WRITES:
+                            v = fio(f, w, args.runtime, size)
+                            rows.append((rep, peer, name, w, v))
+                            print(f"{rep} {peer:6} {name:11} {w:13} {v:10.1f}", file=sys.stderr)
+                    copy.unlink()
+            full.unlink()
+            if empty is not None:
+                empty.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tsv = results_dir / f"formats-{stamp}.tsv"
+    tsv.write_text(
+        "rep\tpeer\tformat\tworkload\tvalue\n"
+        + "".join(f"{r}\t{p}\t{n}\t{w}\t{v:.1f}\n" for r, p, n, w, v in rows)
+    )
+    workloads = READS + WRITES
+    lines = [
+        "| format | peer | "
+        + " | ".join(f"{w} {'IOPS' if '16k' in w else 'MB/s'}" for w in workloads)
+        + " |",
+        "|---|---|" + "---|" * len(workloads),
+    ]
+    for name in formats:
+        med = {
+            (p, w): statistics.median(v for _, pp, n, ww, v in rows if (pp, n, ww) == (p, name, w))
+            for p in peers
+            for w in workloads
+            if any((pp, n, ww) == (p, name, w) for _, pp, n, ww, _ in rows)
+        }
+        for p in peers:
+            cells = []
+            for w in workloads:
+                if (p, w) not in med:
+                    cells.append("–")
+                    continue
+                v = med[(p, w)]
+                ratio = (
+                    f" ({v / med[('qsd', w)]:.2f}×)"
+                    if p != "qsd" and ("qsd", w) in med and med[("qsd", w)]
+                    else ""
+                )
+                cells.append(f"{v:.0f}{ratio}")
+            lines.append(f"| {name} | {p} | " + " | ".join(cells) + " |")
+    md = results_dir / f"formats-{stamp}.md"
+    md.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"results: {tsv} {md}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
