@@ -21,8 +21,9 @@ import lzfse
 import pytest
 
 from imgfs.block.disk import open_disk
+from imgfs.block.driver import RepairMode
 from imgfs.block.extent import Allocation
-from imgfs.errors import CorruptImage, Unsupported
+from imgfs.errors import CorruptImage, ReadOnly, Unsupported
 from imgfs.formats import dmg as dmgmod
 from imgfs.formats._chunkcache import ChunkCache
 from tests.conftest import SHARED
@@ -78,6 +79,12 @@ def test_corpus_exports_the_manifest_disk(rel: str, tmp_path: Path) -> None:
         sha = SAME_DISK_SHA  # the five node-udif compression variants hold one disk
     data = export_bytes(image)
     assert hashlib.sha256(data).hexdigest() == sha
+    disk = open_disk(str(image), "dmg", read_only=True)
+    try:
+        result = disk.check()  # every CRC32 the image carries matches
+        assert result.exit_status == 0, result.messages
+    finally:
+        disk.close()
     if qemu_reads == "yes":
         out = tmp_path / "export.raw"
         out.write_bytes(data)
@@ -136,6 +143,27 @@ class Chunk:
     kind: int
     sectors: int
     payload: bytes = b""  # stored bytes (compressed or raw)
+    plain: bytes | None = None  # the decoded bytes, for the table's checksum
+
+
+def table_crc(chunks: list[Chunk]) -> int | None:
+    """A blkx table's CRC32: over its chunks' decoded data, ignore chunks left out; None when
+    a compressed chunk's decoded bytes are not known."""
+    crc = 0
+    for c in chunks:
+        if c.kind == dmgmod.CT_IGNORE:
+            continue
+        if c.kind == dmgmod.CT_ZERO:
+            crc = dmgmod.crc32_zeros(crc, c.sectors * SECTOR)  # checked against zlib below
+            continue
+        if c.kind == dmgmod.CT_RAW:
+            plain: bytes | None = c.payload
+        else:
+            plain = c.plain
+        if plain is None:
+            return None
+        crc = zlib.crc32(plain, crc)
+    return crc
 
 
 @dataclass
@@ -158,8 +186,10 @@ def mish(table: Table, data_fork: bytearray) -> bytes:
     entries.append((dmgmod.CT_COMMENT, 0, sector, 0, len(data_fork), 0))
     entries += table.extra_entries
     entries.append((dmgmod.CT_TERMINATOR, 0, sector, 0, len(data_fork), 0))
+    crc = table_crc(table.chunks)
+    checksum = (0, 0, b"") if crc is None else (2, 32, struct.pack(">I", crc))
     head = dmgmod.MISH.pack(
-        b"mish", 1, table.first, table.sectors, 0, 0, 0, b"", 2, 32, b"", len(entries)
+        b"mish", 1, table.first, table.sectors, 0, 0, 0, b"", *checksum, len(entries)
     )
     return head + b"".join(dmgmod.CHUNK.pack(*e) for e in entries)
 
@@ -170,10 +200,16 @@ def koly(
     xml: tuple[int, int] = (0, 0),
     rsrc: tuple[int, int] = (0, 0),
     segments: tuple[int, int] = (1, 1),
+    data_crc: int | None = None,
+    master_crc: int | None = None,
 ) -> bytes:
+    def checksum(crc: int | None) -> tuple[int, int, bytes]:
+        return (0, 0, b"") if crc is None else (2, 32, struct.pack(">I", crc))
+
     return dmgmod.KOLY.pack(
         b"koly", 4, 512, 1, 0, 0, data_len, rsrc[0], rsrc[1], segments[0], segments[1],
-        b"\x11" * 16, 2, 32, b"", xml[0], xml[1], b"", 2, 32, b"", 1, disk_sectors, b"",
+        b"\x11" * 16, *checksum(data_crc), xml[0], xml[1], b"", *checksum(master_crc), 1,
+        disk_sectors, b"",
     )  # fmt: skip
 
 
@@ -215,6 +251,10 @@ def build_udif(
 ) -> None:
     data_fork = bytearray()
     mishes = [mish(t, data_fork) for t in tables]
+    crcs = [table_crc(t.chunks) for t in tables]
+    sums = {"data_crc": zlib.crc32(data_fork)}
+    if None not in crcs:
+        sums["master_crc"] = zlib.crc32(b"".join(struct.pack(">I", c) for c in crcs))
     out = bytearray(data_fork)
     if carrier == "xml":
         blkx = [
@@ -222,12 +262,16 @@ def build_udif(
             for i, (t, m) in enumerate(zip(tables, mishes, strict=True))
         ]
         plist = plistlib.dumps({"resource-fork": {"blkx": blkx, "plst": []}})
-        trailer = koly(disk_sectors, len(data_fork), xml=(len(out), len(plist)), segments=segments)
+        trailer = koly(
+            disk_sectors, len(data_fork), xml=(len(out), len(plist)), segments=segments, **sums
+        )
         out += plist
     else:
         resources = [(b"plst", 0, b"ignored")] + [(b"blkx", i, m) for i, m in enumerate(mishes)]
         fork = resource_fork(resources)
-        trailer = koly(disk_sectors, len(data_fork), rsrc=(len(out), len(fork)), segments=segments)
+        trailer = koly(
+            disk_sectors, len(data_fork), rsrc=(len(out), len(fork)), segments=segments, **sums
+        )
         out += fork
     path.write_bytes(bytes(out + trailer))
 
@@ -299,7 +343,7 @@ def every_codec_image(path: Path, carrier: str = "xml") -> bytes:
     chunks = []
     for seed, (kind, encode) in enumerate(CODECS.items()):
         data = sample(9 + seed, seed)
-        chunks.append(Chunk(kind, len(data) // SECTOR, encode(data)))
+        chunks.append(Chunk(kind, len(data) // SECTOR, encode(data), data))
         expected += data
         if kind == dmgmod.CT_ZLIB:
             chunks.append(Chunk(dmgmod.CT_ZERO, 3))
@@ -314,7 +358,10 @@ def every_codec_image(path: Path, carrier: str = "xml") -> bytes:
         Table(
             first_sectors + gap,
             2048 + 4,
-            [Chunk(dmgmod.CT_ZLIB, 2048, zlib.compress(second_data)), Chunk(dmgmod.CT_ZERO, 4)],
+            [
+                Chunk(dmgmod.CT_ZLIB, 2048, zlib.compress(second_data), second_data),
+                Chunk(dmgmod.CT_ZERO, 4),
+            ],
             "second",
         ),
     ]
@@ -355,6 +402,48 @@ def test_every_codec_reads_back(carrier: str, tmp_path: Path) -> None:
         assert ext.allocation is Allocation.DATA and ext.host_offset == raw_run.file_offset + 100
     finally:
         disk.close()
+
+
+def test_check_finds_damaged_chunks(tmp_path: Path) -> None:
+    image = tmp_path / "codecs.dmg"
+    every_codec_image(image)
+    disk = open_disk(str(image), "dmg", read_only=True)
+    try:
+        result = disk.check()
+        assert result.exit_status == 0 and result.messages == []
+        raw_run = next(r for r in disk.top._runs if r.kind == dmgmod.CT_RAW)
+        zlib_run = next(r for r in disk.top._runs if r.kind == dmgmod.CT_ZLIB)
+        with pytest.raises(ReadOnly):
+            disk.check(RepairMode.ALL)
+    finally:
+        disk.close()
+    data = bytearray(image.read_bytes())
+    data[raw_run.file_offset + 10] ^= 0xFF
+    image.write_bytes(bytes(data))
+    disk = open_disk(str(image), "dmg", read_only=True)
+    try:
+        result = disk.check()
+        assert result.exit_status == 2
+        assert result.corruptions == 2  # the data fork's CRC and the table's
+        assert any("data fork CRC32" in m for m in result.messages)
+        assert any("blkx table 'first'" in m for m in result.messages)
+    finally:
+        disk.close()
+    data[zlib_run.file_offset + 5 : zlib_run.file_offset + 9] = b"\xff" * 4  # undecodable
+    image.write_bytes(bytes(data))
+    disk = open_disk(str(image), "dmg", read_only=True)
+    try:
+        result = disk.check()
+        assert result.exit_status == 2
+        assert any("zlib chunk at sector" in m for m in result.messages)
+    finally:
+        disk.close()
+
+
+def test_crc32_of_zeros_matches_zlib() -> None:
+    for crc in (0, 1, 0xDEADBEEF, 0xFFFFFFFF):
+        for n in (0, 1, 2, 3, 511, 512, 4096, 100_003, 1 << 20):
+            assert dmgmod.crc32_zeros(crc, n) == zlib.crc32(bytes(n), crc), (crc, n)
 
 
 def test_zlib_raw_zero_image_matches_qemu(tmp_path: Path) -> None:
@@ -481,6 +570,9 @@ def test_chunk_claiming_a_terabyte_is_refused_fast(tmp_path: Path) -> None:
         assert disk.size == 1 << 40
         assert disk.read((1 << 40) - 4096, 4096) == bytes(4096)
         assert disk.block_status(0, 1 << 40).length == 1 << 40
+        start = time.monotonic()
+        assert disk.check().exit_status == 0  # CRC32 of a terabyte of zero-fill, at once
+        assert time.monotonic() - start < 1
     finally:
         disk.close()
 
