@@ -60,6 +60,9 @@ KOLY = struct.Struct(
 )
 assert KOLY.size == 512
 KOLY_MAGIC = b"koly"
+# Encrypted images wrap the whole UDIF file: v2 has a header, v1 a trailer.
+ENCRYPTED_V2_MAGIC = b"encrcdsa"
+ENCRYPTED_V1_MAGIC = b"cdsaencr"
 KOLY_VERSION = 4
 
 # A mish block table header (BLKXTable) and its chunk entries (BLKXChunkEntry).
@@ -312,6 +315,8 @@ class DmgDriver(BlockDriver):
     @classmethod
     def probe(cls, probe: ProbeInput) -> int:
         tail = probe.tail
+        if probe.head[:8] == ENCRYPTED_V2_MAGIC or tail[-8:] == ENCRYPTED_V1_MAGIC:
+            return 100  # claimed so that open() says why it is not exported
         if len(tail) < KOLY.size or probe.size < KOLY.size:
             return 0
         koly = tail[-KOLY.size :]
@@ -326,6 +331,8 @@ class DmgDriver(BlockDriver):
         size = file.size()
         if size < KOLY.size:
             raise CorruptImage(f"{path}: {size} bytes is too small for a dmg trailer")
+        if file.pread(0, 8) == ENCRYPTED_V2_MAGIC or file.pread(size - 8, 8) == ENCRYPTED_V1_MAGIC:
+            raise Unsupported(f"{path}: encrypted dmg images are not supported")
         koly = KOLY.unpack(file.pread(size - KOLY.size, KOLY.size))
         (magic, version, header_size, _flags, _running, df_off, df_len, rs_off, rs_len) = koly[:9]
         seg_number, seg_count = koly[9], koly[10]

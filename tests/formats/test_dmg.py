@@ -645,6 +645,16 @@ def test_segmented_and_forkless_images_are_refused(tmp_path: Path) -> None:
     open_fails(image, CorruptImage, "neither an XML plist nor a resource fork")
 
 
+def test_encrypted_images_are_claimed_and_refused(tmp_path: Path) -> None:
+    image = tmp_path / "e.dmg"
+    image.write_bytes(b"encrcdsa" + bytes(8184))
+    with pytest.raises(Unsupported, match="encrypted dmg"):
+        open_disk(str(image), read_only=True)  # probed as dmg, not exported as raw
+    image.write_bytes(bytes(8184) + b"cdsaencr")
+    with pytest.raises(Unsupported, match="encrypted dmg"):
+        open_disk(str(image), read_only=True)
+
+
 def test_bad_resource_fork(tmp_path: Path) -> None:
     image = tmp_path / "r.dmg"
     fork = bytearray(resource_fork([(b"blkx", 0, b"mish" + bytes(300))]))
