@@ -289,6 +289,9 @@ class DmgDriver(BlockDriver):
     format_name = "dmg"
     supports_write = False
     cheap_reads = False  # reads decompress
+    runtime_options = {
+        "chunk-cache-size": "bytes of decompressed chunks kept per image (default 64M)"
+    }
 
     def __init__(
         self,

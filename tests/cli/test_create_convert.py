@@ -100,3 +100,11 @@ def test_convert_failure_leaves_no_half_image(tmp_path: Path) -> None:
     result = run_imgfs("convert", "-O", "raw", str(source), str(source))
     assert result.returncode == 1 and "is the source image itself" in result.stderr
     assert source.stat().st_size == MiB
+
+
+def test_mount_o_sends_format_options_to_drivers_and_the_rest_to_fuse() -> None:
+    from imgfs.cli import split_mount_options
+
+    fuse, driver = split_mount_options(["fsname=vms,chunk-cache-size=8M", "allow_other"])
+    assert fuse == ["fsname=vms", "allow_other"]
+    assert driver == {"chunk-cache-size": "8M"}
