@@ -283,7 +283,8 @@ class QedDriver(BlockDriver):
         key = (l2_offset, page_no)
         page = self._l2_cache.get(key)
         if page is None:
-            raw = self.file.pread(l2_offset + page_no * self.page_entries * 8, self.page_entries * 8)
+            page_bytes = self.page_entries * 8
+            raw = self.file.pread(l2_offset + page_no * page_bytes, page_bytes)
             page = entries_from_bytes(raw, big_endian=False)
             self._l2_cache.put(key, page)
         return page
@@ -404,9 +405,8 @@ class QedDriver(BlockDriver):
         with self._lock:
             while pos < end:
                 entry, run = self._map(pos, end - pos)
-                src = view[pos - offset : pos - offset + run]
                 if entry > ZERO_CLUSTER:
-                    self.file.pwrite(entry + pos % cs, src)
+                    self.file.pwrite(entry + pos % cs, view[pos - offset : pos - offset + run])
                     pos += run
                     continue
                 # Allocate the clusters of this run, up to the end of its L2 table.
@@ -427,7 +427,7 @@ class QedDriver(BlockDriver):
                             buf[len(buf) - tail : len(buf) - tail + (tail_at - pos - run)] = (
                                 self.read_backing(pos + run, tail_at - pos - run)
                             )
-                buf[head : head + run] = src
+                buf[head : head + run] = view[pos - offset : pos - offset + run]
                 host = self._allocate(len(buf))
                 self.file.pwrite(host, buf)
                 self._set_entries(first, [host + i * cs for i in range(last - first + 1)])
@@ -547,9 +547,8 @@ class QedDriver(BlockDriver):
             mark(self.header.l1_table_offset, self.header.table_size)
             allocated = fragmented = 0
             last_host = -1
-            for l1_index, l2_offset in enumerate(self.l1):
-                if not l2_offset:
-                    continue
+            # The whole L1 table, as qemu checks it, not only the entries the size uses.
+            for l1_index, l2_offset in list(self._iter_table(self.header.l1_table_offset)):
                 ok = (
                     l2_offset % cs == 0
                     and l2_offset + self.table_bytes <= nclusters * cs
@@ -559,7 +558,8 @@ class QedDriver(BlockDriver):
                     result.corruptions += 1
                     result.messages.append(f"L1 entry {l1_index}: bad L2 offset {l2_offset:#x}")
                     if fix:
-                        self.l1[l1_index] = 0
+                        if l1_index < len(self.l1):
+                            self.l1[l1_index] = 0
                         self.file.pwrite(self.header.l1_table_offset + l1_index * 8, bytes(8))
                         result.corruptions_fixed += 1
                     continue
@@ -567,8 +567,8 @@ class QedDriver(BlockDriver):
                     if entry <= ZERO_CLUSTER:
                         continue
                     ok = entry % cs == 0 and entry < nclusters * cs and entry >= cs
+                    allocated += 1
                     if ok and mark(entry, 1):
-                        allocated += 1
                         if last_host >= 0 and entry != last_host + cs:
                             fragmented += 1
                         last_host = entry
@@ -591,7 +591,7 @@ class QedDriver(BlockDriver):
         return result
 
     def _iter_table(self, l2_offset: int) -> Iterator[tuple[int, int]]:
-        """(index, entry) of a whole L2 table, read a page at a time."""
+        """(index, entry) of the non-zero entries of a whole table, read a page at a time."""
         for page_no in range(self.table_entries // self.page_entries):
             base = page_no * self.page_entries
             raw = self.file.pread(l2_offset + base * 8, self.page_entries * 8)
