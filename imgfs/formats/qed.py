@@ -163,7 +163,12 @@ class QedDriver(BlockDriver):
         self._backing_name = backing_name
         self._lock = threading.RLock()
         self._l2_cache = PageCache(L2_CACHE_PAGES)
-        self._file_end = self._round_up(file.size())
+        # New clusters go past everything the header accounts for, even in a file cut short.
+        self._file_end = max(
+            self._round_up(file.size()),
+            header.header_size * header.cluster_size,
+            header.l1_table_offset + self.table_bytes,
+        )
         self.l1 = array("Q")
         self._load_l1()
         self.notes: list[str] = []
@@ -525,7 +530,8 @@ class QedDriver(BlockDriver):
     def check(self, repair: RepairMode) -> CheckResult:
         """qemu's qed check: every table and data offset aligned and inside the file, every
         cluster referenced once; unreferenced clusters are leaks. Repair zeroes bad entries."""
-        fix = repair is not RepairMode.NONE
+        # Leaks cannot be repaired (nor can qemu): only RepairMode.ALL changes anything.
+        fix = repair is RepairMode.ALL
         if fix:
             self._check_writable()
         cs = self.cluster_size
@@ -539,6 +545,7 @@ class QedDriver(BlockDriver):
 
             def mark(offset: int, count: int) -> bool:
                 first = offset // cs
+                count = max(0, min(count, nclusters - first))
                 if any(used[first : first + count]):
                     return False
                 used[first : first + count] = b"\1" * count
