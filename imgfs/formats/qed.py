@@ -63,6 +63,7 @@ L2_PAGE_BYTES = 64 * 1024
 L2_CACHE_PAGES = 128  # 8 MiB at most
 
 _ENTRY = struct.Struct("<Q")
+_ZERO_PAGE = bytes(L2_PAGE_BYTES)
 
 
 def _is_pow2(n: int) -> bool:
@@ -597,14 +598,23 @@ class QedDriver(BlockDriver):
                 self.file.sync()
         return result
 
-    def _iter_table(self, l2_offset: int) -> Iterator[tuple[int, int]]:
-        """(index, entry) of the non-zero entries of a whole table, read a page at a time."""
-        for page_no in range(self.table_entries // self.page_entries):
-            base = page_no * self.page_entries
-            raw = self.file.pread(l2_offset + base * 8, self.page_entries * 8)
-            for i, entry in enumerate(entries_from_bytes(raw, big_endian=False)):
-                if entry:
-                    yield base + i, entry
+    def _iter_table(self, table_offset: int) -> Iterator[tuple[int, int]]:
+        """(index, entry) of the non-zero entries of a whole table, read a page at a time;
+        holes in the host file are skipped without reading them."""
+        page_bytes = self.page_entries * 8
+        pos, end = 0, self.table_bytes
+        while pos < end:
+            is_data, run = self.file.data_extents(table_offset + pos, end - pos)
+            if not is_data and run >= page_bytes:
+                pos += run // page_bytes * page_bytes  # whole pages of hole only
+                continue
+            raw = self.file.pread(table_offset + pos, page_bytes)
+            if raw != _ZERO_PAGE[:page_bytes]:
+                base = pos // 8
+                for i, entry in enumerate(entries_from_bytes(raw, big_endian=False)):
+                    if entry:
+                        yield base + i, entry
+            pos += page_bytes
 
     # -- create --------------------------------------------------------------------------------
 

@@ -485,3 +485,49 @@ def test_probe(tmp_path: Path) -> None:
         assert disk.size == MiB
     finally:
         disk.close()
+
+
+def test_huge_tables_load_a_page_at_a_time(tmp_path: Path) -> None:
+    # 64 MiB clusters and 16-cluster tables: each table is 1 GiB, and must never load whole.
+    cs = 64 * MiB
+    image = tmp_path / "big.qed"
+    l2 = 17 * cs  # after the 16-cluster L1 table
+    with open(image, "wb") as f:
+        f.write(header(cluster_size=cs, table_size=16, l1=cs, image_size=100 * MiB))
+        f.seek(cs)
+        f.write(struct.pack("<Q", l2))
+        f.seek(l2 + 8)
+        f.write(struct.pack("<Q", l2 + 16 * cs))  # guest cluster 1
+        f.seek(l2 + 16 * cs)
+        f.write(b"data in cluster one")
+        f.truncate(l2 + 17 * cs)
+    disk = open_disk(str(image), "qed")
+    try:
+        start = time.monotonic()
+        assert disk.read(cs, 19) == b"data in cluster one"
+        assert disk.read(0, 4096) == bytes(4096)
+        result = disk.top.check(RepairMode.NONE)
+        assert (result.corruptions, result.allocated_clusters) == (0, 1)
+        assert time.monotonic() - start < 10
+        cache = disk.top._l2_cache
+        assert all(len(page) * 8 <= 64 * KiB for page in cache._pages.values())
+    finally:
+        disk.close()
+
+
+def test_l2_cache_is_bounded(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qed"
+    QedDriver.create(str(image), 2 * 1024 * MiB, {"cluster_size": "4096", "table_size": "2"})
+    disk = open_disk(str(image), "qed")
+    try:
+        span = 1024 * 4096  # guest bytes per L2 table
+        for i in range(200):
+            disk.write(i * span + 100, b"x")
+        for i in range(200):
+            assert disk.read(i * span + 100, 1) == b"x"
+        assert len(disk.top._l2_cache._pages) <= 128
+        disk.flush()
+    finally:
+        disk.close()
+    status, data = qemu_check(image, "qed")
+    assert status == 0 and data["allocated-clusters"] == 200, data
