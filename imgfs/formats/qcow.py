@@ -45,13 +45,14 @@ assert HEADER.size == 48
 
 CLUSTER_BITS_MIN = 9
 CLUSTER_BITS_MAX = 16
-L2_BITS_MIN = 9
-L2_BITS_MAX = 16
+# qemu's limits: an L2 table holds 512 bytes to 64 KiB of entries.
+L2_BITS_MIN = 6
+L2_BITS_MAX = 13
 # qemu stores at most this many bytes of backing file name.
 BACKING_NAME_MAX = 1023
 SIZE_MAX = 1 << 62
 COMPRESSED = 1 << 63
-L2_CACHE_TABLES = 32  # at most 16 MiB with 512 KiB tables
+L2_CACHE_TABLES = 128  # at most 8 MiB with 64 KiB tables
 # Raw deflate with a 4 KiB window, which is what qemu's qcow inflates.
 DEFLATE_WBITS = -12
 
