@@ -321,15 +321,16 @@ class QcowDriver(BlockDriver):
         if self._inflated is not None and self._inflated[0] & COMPRESSED:
             self._inflated = None
 
-    def _old_contents(self, entry: int, start: int, stop: int) -> bytearray:
-        """What a cluster run being reallocated read as, for the parts a write keeps."""
+    def _old_contents(self, entry: int, start: int, stop: int, keep: tuple[int, int]) -> bytearray:
+        """A buffer for the clusters ``[start, stop)`` being (re)allocated, holding what they
+        read as outside ``keep`` (the guest range the write replaces)."""
         if entry & COMPRESSED:
             return bytearray(self._inflate(entry))
         buf = bytearray(stop - start)
         if self.backing is not None:
-            avail = min(stop, self.virtual_size) - start
-            if avail > 0:
-                buf[:avail] = self.read_backing(start, avail)
+            for lo, hi in ((start, keep[0]), (keep[1], min(stop, self.virtual_size))):
+                if lo < hi:
+                    buf[lo - start : hi - start] = self.read_backing(lo, hi - lo)
         return buf
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -354,7 +355,7 @@ class QcowDriver(BlockDriver):
                 if head == 0 and run == stop - start:
                     buf = bytearray(view[pos - offset : pos - offset + run])
                 else:
-                    buf = self._old_contents(entry, start, stop)
+                    buf = self._old_contents(entry, start, stop, (pos, pos + run))
                     buf[head : head + run] = view[pos - offset : pos - offset + run]
                 host = self._allocate(len(buf))
                 self.file.pwrite(host, buf)
