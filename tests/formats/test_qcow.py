@@ -338,3 +338,23 @@ def test_other_geometries_read_and_write_like_qemu(
     assert_same_bytes(export(image, tmp_path / "ours.raw"), tmp_path / "before.raw")
     random_writes(image, expected, random.Random(cluster_bits * l2_bits), 25)
     assert_qemu_compare_identical(image, write_file(tmp_path / "expected.raw", expected), "qcow")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6))
+def test_matrix_qemu_io_then_driver_writes(tmp_path: Path, seed: int) -> None:
+    base = tmp_path / "base.raw"
+    pattern_image(base, 5 * MiB + 512, seed=seed)
+    image = tmp_path / "disk.qcow"
+    backing = ["-b", "base.raw", "-F", "raw"] if seed % 2 else []
+    qemu_img("create", "-q", "-f", "qcow", *backing, str(image), str(12 * MiB))
+    rng = random.Random(seed)
+    qemu_io(image, *random_qemu_io_commands(rng, 12 * MiB, 40, 512), fmt="qcow")
+    assert_export_matches_qemu(image, export(image, tmp_path / "ours.raw"), tmp_path)
+    expected = bytearray(qemu_raw(image, tmp_path / "before.raw").read_bytes())
+    random_writes(image, expected, rng, 80)
+    assert_qemu_compare_identical(image, write_file(tmp_path / "expected.raw", expected))
+    packed, src = compressed_qcow(tmp_path, "packed.qcow", 3 * MiB, seed)
+    expected = bytearray(src.read_bytes())
+    random_writes(packed, expected, rng, 80)
+    assert_qemu_compare_identical(packed, write_file(tmp_path / "p.expected", expected), "qcow")

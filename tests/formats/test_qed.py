@@ -531,3 +531,31 @@ def test_l2_cache_is_bounded(tmp_path: Path) -> None:
         disk.close()
     status, data = qemu_check(image, "qed")
     assert status == 0 and data["allocated-clusters"] == 200, data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    ("cluster_size", "table_size"),
+    [(4096, 4), (8192, 2), (32 * KiB, 16), (64 * KiB, 8), (256 * KiB, 2), (4 * MiB, 2)],
+)
+def test_matrix_qemu_io_then_driver_writes(
+    tmp_path: Path, cluster_size: int, table_size: int, seed: int
+) -> None:
+    base = tmp_path / "base.raw"
+    pattern_image(base, 5 * MiB + 512, seed=seed)
+    image = tmp_path / "disk.qed"
+    backing = ["-b", "base.raw", "-F", "raw"] if seed % 2 else []
+    qemu_img(
+        "create", "-q", "-f", "qed", "-o", f"cluster_size={cluster_size},table_size={table_size}",
+        *backing, str(image), str(16 * MiB),
+    )  # fmt: skip
+    rng = random.Random(seed)
+    qemu_io(image, *random_qemu_io_commands(rng, 16 * MiB, 60, 512), fmt="qed")
+    assert_export_matches_qemu(image, export(image, tmp_path / "ours.raw"), tmp_path)
+    expected = bytearray(qemu_raw(image, tmp_path / "before.raw").read_bytes())
+    random_writes(image, expected, rng, 80)
+    write_file(tmp_path / "expected.raw", expected)
+    status, data = qemu_check(image)
+    assert status == 0, data
+    assert_qemu_compare_identical(image, tmp_path / "expected.raw")
