@@ -127,7 +127,8 @@ class QcowDriver(BlockDriver):
         self._file_end = file.size()
         count = -(-header.size // self.l2_span)
         self.l1 = _big_endian_entries(file.pread(header.l1_table_offset, count * 8))
-        # The last cluster inflated: small sequential reads of a compressed image hit it.
+        # The last cluster inflated, keyed by its L2 entry (replaced whole, so thread-safe):
+        # small sequential reads of a compressed image hit it.
         self._inflated: tuple[int, bytes] | None = None
 
     @classmethod
@@ -272,11 +273,11 @@ class QcowDriver(BlockDriver):
             piece: bytes | bytearray | memoryview
             with self._lock:
                 entry, run = self._map(pos, end - pos)
-                if entry & COMPRESSED:
-                    inner = pos % cs
-                    piece = self._inflate(entry)[inner : inner + run]
             if entry & COMPRESSED:
-                pass  # inflated under the lock above
+                # Outside the lock: compressed bytes are never overwritten (a rewritten
+                # cluster moves to the end of the file), so a stale entry still inflates.
+                inner = pos % cs
+                piece = self._inflate(entry)[inner : inner + run]
             elif entry:
                 piece = self.file.pread(entry + pos % cs, run)
             else:
@@ -318,8 +319,6 @@ class QcowDriver(BlockDriver):
             return
         self.file.pwrite(l2_offset + l2_index * 8, b"".join(_ENTRY.pack(e) for e in entries))
         table[l2_index : l2_index + len(entries)] = array("Q", entries)
-        if self._inflated is not None and self._inflated[0] & COMPRESSED:
-            self._inflated = None
 
     def _old_contents(self, entry: int, start: int, stop: int, keep: tuple[int, int]) -> bytearray:
         """A buffer for the clusters ``[start, stop)`` being (re)allocated, holding what they
