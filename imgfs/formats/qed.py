@@ -58,6 +58,8 @@ BACKING_NAME_MAX = 4096
 SIZE_MAX = 1 << 62
 
 ZERO_CLUSTER = 1
+# check() reports the first problems found, not all of a hostile image's millions.
+MAX_MESSAGES = 20
 # L2 tables are cached in pages of this many bytes, so a huge table never loads whole.
 L2_PAGE_BYTES = 64 * 1024
 L2_CACHE_PAGES = 128  # 8 MiB at most
@@ -240,7 +242,10 @@ class QedDriver(BlockDriver):
             else:
                 result = driver.check(RepairMode.ALL)
                 if result.corruptions > result.corruptions_fixed:
-                    raise CorruptImage(f"{path}: qed consistency check failed: {result.messages}")
+                    raise CorruptImage(
+                        f"{path}: qed consistency check failed: {result.corruptions} "
+                        f"corruptions, first: {result.messages[0] if result.messages else '?'}"
+                    )
                 driver._set_need_check(False)
                 driver.file.sync()
                 driver.notes.append(
@@ -564,7 +569,8 @@ class QedDriver(BlockDriver):
                 )
                 if not ok or not mark(l2_offset, self.header.table_size):
                     result.corruptions += 1
-                    result.messages.append(f"L1 entry {l1_index}: bad L2 offset {l2_offset:#x}")
+                    if len(result.messages) < MAX_MESSAGES:
+                        result.messages.append(f"L1 entry {l1_index}: bad L2 offset {l2_offset:#x}")
                     if fix:
                         if l1_index < len(self.l1):
                             self.l1[l1_index] = 0
@@ -582,9 +588,10 @@ class QedDriver(BlockDriver):
                         last_host = entry
                         continue
                     result.corruptions += 1
-                    result.messages.append(
-                        f"L2 table {l2_offset:#x} entry {l2_index}: bad cluster {entry:#x}"
-                    )
+                    if len(result.messages) < MAX_MESSAGES:
+                        result.messages.append(
+                            f"L2 table {l2_offset:#x} entry {l2_index}: bad cluster {entry:#x}"
+                        )
                     if fix:
                         self.file.pwrite(l2_offset + l2_index * 8, bytes(8))
                         result.corruptions_fixed += 1
