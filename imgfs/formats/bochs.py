@@ -1,4 +1,5 @@
-"""bochs: Bochs "growing" redolog images (``bximage -imgmode=growing``). Read-only.
+"""bochs: Bochs "growing" redolog images (``bximage -imgmode=growing``), and "undoable" redologs
+over their base image. Read-only.
 
 Layout, every number little-endian:
 
@@ -12,17 +13,20 @@ Layout, every number little-endian:
   sectors: a bitmap (bit ``i``, least significant first, says sector ``i`` of the extent is
   stored) and then the extent's sectors.
 
-Sectors whose catalog entry or bitmap bit is clear read as zeros.
+Sectors whose catalog entry or bitmap bit is clear read as zeros; in an "Undoable" redolog (the
+journal Bochs keeps beside a base image, named ``BASE.redolog``) they read the base image, a raw
+(flat) file, which is this driver's backing file. qemu reads only Growing images.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from array import array
 from typing import Self
 
-from imgfs.block.driver import BlockDriver, OpenOptions, ProbeInput
+from imgfs.block.driver import BackingSpec, BlockDriver, OpenOptions, ProbeInput
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
@@ -38,7 +42,10 @@ HEADER_SIZE = 512
 MAGIC = b"Bochs Virtual HD Image"
 REDOLOG = b"Redolog"
 GROWING = b"Growing"
-OTHER_SUBTYPES = (b"Undoable", b"Volatile")
+UNDOABLE = b"Undoable"
+VOLATILE = b"Volatile"
+# Bochs names an undoable disk's journal after its base image: "disk.img" -> "disk.img.redolog".
+REDOLOG_SUFFIX = ".redolog"
 VERSION_2 = 0x00020000
 VERSION_1 = 0x00010000
 UNALLOCATED = 0xFFFFFFFF
@@ -68,6 +75,7 @@ class BochsDriver(BlockDriver):
         bitmap_bytes: int,
         data_offset: int,
         catalog: array,
+        base_name: str | None = None,
     ) -> None:
         super().__init__(file, options)
         self.read_only = True
@@ -78,6 +86,7 @@ class BochsDriver(BlockDriver):
         self._bitmap_span = -(-bitmap_bytes // SECTOR) * SECTOR
         self._data_offset = data_offset
         self._catalog = catalog  # never changes: reads need no lock
+        self._base_name = base_name  # an undoable redolog's base image (raw), beside it
 
     @classmethod
     def probe(cls, probe: ProbeInput) -> int:
@@ -97,12 +106,20 @@ class BochsDriver(BlockDriver):
         if _cstr(magic) != MAGIC or _cstr(kind) != REDOLOG:
             raise CorruptImage(f"{path}: not a bochs redolog (magic {_cstr(magic)[:32]!r})")
         sub = _cstr(subtype)
-        if sub != GROWING:
-            if sub in OTHER_SUBTYPES:
+        base_name: str | None = None
+        if sub == UNDOABLE:
+            name = os.path.basename(path)
+            if not name.endswith(REDOLOG_SUFFIX) or name == REDOLOG_SUFFIX:
                 raise Unsupported(
-                    f"{path}: bochs {sub.decode()} redolog: only Growing images are supported "
-                    "(an undoable redolog is a journal over a separate base image)"
+                    f"{path}: bochs Undoable redolog not named BASE{REDOLOG_SUFFIX}: cannot "
+                    "tell which base image it journals"
                 )
+            base_name = name[: -len(REDOLOG_SUFFIX)]
+        elif sub == VOLATILE:
+            raise Unsupported(
+                f"{path}: bochs Volatile redologs (temporary files) are not supported"
+            )
+        elif sub != GROWING:
             raise CorruptImage(f"{path}: unknown bochs redolog subtype {sub[:16]!r}")
         if version == VERSION_2:
             catalog_len, bitmap_bytes, extent_size, _stamp, disk = REDOLOG_V2.unpack_from(
@@ -152,6 +169,7 @@ class BochsDriver(BlockDriver):
             bitmap_bytes=bitmap_bytes,
             data_offset=data_offset,
             catalog=catalog,
+            base_name=base_name,
         )
         driver._validate_catalog(file_size)
         return driver
@@ -173,6 +191,10 @@ class BochsDriver(BlockDriver):
     def virtual_size(self) -> int:
         return self._size
 
+    @property
+    def backing_spec(self) -> BackingSpec | None:
+        return BackingSpec(self._base_name, "raw") if self._base_name is not None else None
+
     def _slot_offset(self, extent_index: int) -> int | None:
         entry = self._catalog[extent_index]
         if entry == UNALLOCATED:
@@ -189,13 +211,16 @@ class BochsDriver(BlockDriver):
             n = min(es - within, length - done)
             slot = self._slot_offset(index)
             if slot is not None:
-                self._read_extent(slot, within, memoryview(out)[done : done + n])
+                self._read_extent(slot, pos - within, within, memoryview(out)[done : done + n])
+            elif self.backing is not None:
+                out[done : done + n] = self.read_backing(pos, n)
             done += n
         return out
 
-    def _read_extent(self, slot: int, within: int, dest: memoryview) -> None:
-        """Fill ``dest`` from the extent in ``slot``, starting ``within`` bytes into it; sectors
-        whose bitmap bit is clear stay zero."""
+    def _read_extent(self, slot: int, extent_base: int, within: int, dest: memoryview) -> None:
+        """Fill ``dest`` from the extent in ``slot`` (guest offset ``extent_base``), starting
+        ``within`` bytes into it; sectors whose bitmap bit is clear read the base image of an
+        undoable redolog, or stay zero."""
         first = within // SECTOR
         last = (within + len(dest) - 1) // SECTOR
         bitmap = self.file.pread(slot + first // 8, last // 8 - first // 8 + 1)
@@ -206,10 +231,12 @@ class BochsDriver(BlockDriver):
             run_end = sector + 1
             while run_end <= last and self._bit(bitmap, run_end, first) == stored:
                 run_end += 1
+            lo = max(within, sector * SECTOR)
+            hi = min(within + len(dest), run_end * SECTOR)
             if stored:
-                lo = max(within, sector * SECTOR)
-                hi = min(within + len(dest), run_end * SECTOR)
                 dest[lo - within : hi - within] = self.file.pread(data_start + lo, hi - lo)
+            elif self.backing is not None:
+                dest[lo - within : hi - within] = self.read_backing(extent_base + lo, hi - lo)
             sector = run_end
 
     @staticmethod

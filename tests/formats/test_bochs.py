@@ -167,6 +167,55 @@ def test_assembled_images_match_qemu(
         disk.close()
 
 
+def make_undoable(directory: Path, seed: int) -> tuple[Path, bytes]:
+    """A bximage flat base image with random data and an undoable redolog beside it, named the
+    way Bochs names it (BASE.redolog). Returns the redolog and the disk it should show."""
+    base = directory / "base.img"
+    bximage("-func=create", "-hd=10M", "-imgmode=flat", "-q", str(base))
+    rng = random.Random(seed)
+    data = bytearray(base.read_bytes())
+    data[: 2 * MiB] = rng.randbytes(2 * MiB)
+    base.write_bytes(data)
+    sectors, _ = random_sectors(len(data), 300, seed)
+    redolog = directory / "base.img.redolog"
+    build_growing(redolog, len(data), sectors, extent_size=16 * KiB, subtype=b"Undoable")
+    for sector, piece in sectors.items():
+        data[sector * SECTOR : (sector + 1) * SECTOR] = piece
+    return redolog, bytes(data)
+
+
+def test_undoable_redolog_reads_through_to_its_base(tmp_path: Path) -> None:
+    redolog, expected = make_undoable(tmp_path, seed=21)
+    disk = open_disk(str(redolog), None, read_only=True)
+    try:
+        assert disk.top.format_name == "bochs"
+        assert disk.top.backing is not None and disk.top.backing.format_name == "raw"
+        assert bytes(disk.read(0, disk.size)) == expected
+        rng = random.Random(4)
+        for _ in range(100):
+            off = rng.randrange(len(expected))
+            n = rng.randrange(1, min(50 * KiB, len(expected) - off) + 1)
+            assert bytes(disk.read(off, n)) == expected[off : off + n]
+    finally:
+        disk.close()
+    # Bochs' own tool is the oracle (qemu reads only Growing images): commit into a copy.
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "base.img", tmp_path / "copy" / "base.img")
+    bximage("-func=commit", "-q", str(tmp_path / "copy" / "base.img"), str(redolog))
+    assert (tmp_path / "copy" / "base.img").read_bytes() == expected
+
+
+def test_undoable_redolog_not_named_after_its_base_is_unsupported(tmp_path: Path) -> None:
+    redolog, _ = make_undoable(tmp_path, seed=1)
+    redolog.rename(tmp_path / "journal.bin")
+    with pytest.raises(Unsupported, match="redolog"):
+        open_disk(str(tmp_path / "journal.bin"), "bochs", read_only=True)
+    os.unlink(tmp_path / "base.img")
+    shutil.copy(tmp_path / "journal.bin", tmp_path / "base.img.redolog")
+    with pytest.raises(CorruptImage, match="not found"):
+        open_disk(str(tmp_path / "base.img.redolog"), "bochs", read_only=True)
+
+
 def test_disk_size_not_a_sector_multiple_is_floored_like_qemu(tmp_path: Path) -> None:
     image = tmp_path / "odd.bochs"
     build_growing(image, 1 * MiB + 100, {0: b"a" * SECTOR})
@@ -191,8 +240,13 @@ def test_fuse_export_is_right_and_read_only(images: Path, mount, tmp_path: Path)
     build_growing(images / "disk.bochs", disk_size, sectors, extent_size=32 * KiB)
     shutil.copy(CORPUS / "qemu-iotests" / "empty.bochs", images / "empty.bochs")
     bximage("-func=create", "-hd=10M", "-imgmode=growing", "-q", str(images / "bx.img"))
+    _, undone = make_undoable(images, seed=5)
     m = mount(images)
-    assert sorted(os.listdir(m.path)) == ["bx.img.raw", "disk.bochs.raw", "empty.bochs.raw"]
+    assert sorted(os.listdir(m.path)) == [
+        "base.img.raw", "base.img.redolog.raw", "bx.img.raw", "disk.bochs.raw", "empty.bochs.raw"
+    ]  # fmt: skip
+    assert m.file("base.img.redolog").read_bytes() == undone
+    assert os.stat(m.file("base.img.redolog")).st_mode & 0o222 == 0
     for name in ("disk.bochs", "empty.bochs", "bx.img"):
         assert_export_matches_qemu(images / name, m.file(name), tmp_path)
         assert os.stat(m.file(name)).st_mode & 0o222 == 0
