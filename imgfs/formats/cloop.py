@@ -26,7 +26,7 @@ from imgfs.block.driver import BlockDriver, OpenOptions, ProbeInput
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, Unsupported
+from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
 
 PREAMBLE_SIZE = 128
 BLOCK_HEADER = struct.Struct(">II")  # block_size, block count
@@ -38,7 +38,8 @@ OFFSET = struct.Struct(">Q")
 MAX_BLOCK_SIZE = 64 * 1024 * 1024
 # The offsets table is loaded whole: 8 M entries is 64 MiB of table (512 GiB of 64 KiB blocks).
 MAX_BLOCKS = 8 * 1024 * 1024
-# Memory for inflated blocks (at least two blocks are always kept).
+# Memory for inflated blocks (at least two blocks are always kept); run-time option
+# ``-o block-cache-size=BYTES``.
 DEFAULT_CACHE_BYTES = 16 * 1024 * 1024
 
 _VERSION_RE = re.compile(rb"#V(\d+\.\d+) Format")
@@ -98,13 +99,12 @@ class CloopDriver(BlockDriver):
         self._offsets = offsets
         self._max_compressed = _max_compressed_size(block_size)
         cache_bytes = DEFAULT_CACHE_BYTES
-        if "cache-size" in options.driver_options:
+        if "block-cache-size" in options.driver_options:
+            value = options.driver_options["block-cache-size"]
             try:
-                cache_bytes = int(options.driver_options["cache-size"])
+                cache_bytes = int(value)
             except ValueError:
-                raise Unsupported(
-                    f"cloop: bad cache-size {options.driver_options['cache-size']!r}"
-                ) from None
+                raise InvalidRequest(f"cloop: bad block-cache-size {value!r}") from None
         self._cache = _BlockCache(cache_bytes // block_size)
 
     @classmethod

@@ -210,8 +210,12 @@ class CowDriver(BlockDriver):
     @classmethod
     def probe(cls, probe: ProbeInput) -> int:
         head = probe.head
-        if len(head) >= 8 and head[:4] in (MAGIC_BE, MAGIC_LE):
+        if len(head) < 8:
+            return 0
+        if head[:4] == MAGIC_BE and struct.unpack_from(">I", head, 4)[0] in (2, 3):
             return 100
+        if head[:4] == MAGIC_LE and struct.unpack_from("<I", head, 4)[0] == 1:
+            return 100  # version 1, in the host's byte order: opens as Unsupported
         return 0
 
     @classmethod

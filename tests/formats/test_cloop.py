@@ -128,7 +128,9 @@ def test_compression_levels_and_best_of(tmp_path: Path) -> None:
 def test_block_cache_is_bounded(tmp_path: Path) -> None:
     data = mixed_data(2 * MiB, seed=9)
     image = make_cloop(tmp_path, "disk.cloop", data, "-B", "65536")
-    disk = open_disk(str(image), "cloop", read_only=True, driver_options={"cache-size": "262144"})
+    disk = open_disk(
+        str(image), "cloop", read_only=True, driver_options={"block-cache-size": "262144"}
+    )
     try:
         assert bytes(disk.read(0, len(data))) == data
         driver = disk.top
