@@ -227,10 +227,7 @@ class BochsDriver(BlockDriver):
         data_start = slot + self._bitmap_span
         sector = first
         while sector <= last:
-            stored = self._bit(bitmap, sector, first)
-            run_end = sector + 1
-            while run_end <= last and self._bit(bitmap, run_end, first) == stored:
-                run_end += 1
+            stored, run_end = self._run(bitmap, first, sector, last)
             lo = max(within, sector * SECTOR)
             hi = min(within + len(dest), run_end * SECTOR)
             if stored:
@@ -238,6 +235,24 @@ class BochsDriver(BlockDriver):
             elif self.backing is not None:
                 dest[lo - within : hi - within] = self.read_backing(extent_base + lo, hi - lo)
             sector = run_end
+
+    @classmethod
+    def _run(
+        cls, bitmap: bytes | memoryview, first: int, sector: int, last: int
+    ) -> tuple[bool, int]:
+        """The state of ``sector`` and the end of its run (at most ``last + 1``); ``bitmap``
+        starts at the byte holding ``first``'s bit. Whole bytes of one state go 8 at a time."""
+        stored = cls._bit(bitmap, sector, first)
+        full = 0xFF if stored else 0
+        end = sector + 1
+        while end <= last:
+            if end % 8 == 0 and last - end >= 7 and bitmap[end // 8 - first // 8] == full:
+                end += 8
+            elif cls._bit(bitmap, end, first) == stored:
+                end += 1
+            else:
+                break
+        return stored, end
 
     @staticmethod
     def _bit(bitmap: bytes | memoryview, sector: int, first: int) -> bool:
@@ -257,10 +272,7 @@ class BochsDriver(BlockDriver):
         first = within // SECTOR
         last = (within + run - 1) // SECTOR
         bitmap = self.file.pread(slot + first // 8, last // 8 - first // 8 + 1)
-        stored = self._bit(bitmap, first, first)
-        end = first + 1
-        while end <= last and self._bit(bitmap, end, first) == stored:
-            end += 1
+        stored, end = self._run(bitmap, first, first, last)
         n = min(run, end * SECTOR - within)
         if stored:
             host = slot + self._bitmap_span + within
