@@ -15,6 +15,7 @@ import pytest
 from imgfs.block.chain import chain_block_status
 from imgfs.block.disk import open_disk
 from imgfs.block.extent import Allocation
+from imgfs.block.hostfile import CacheMode
 from imgfs.errors import CorruptImage, ImgfsError, ReadOnly, Unsupported
 from tests.conftest import SHARED
 from tests.oracle import assert_export_matches_qemu, qemu_info, qemu_raw, sha256_file
@@ -214,6 +215,22 @@ def test_undoable_redolog_not_named_after_its_base_is_unsupported(tmp_path: Path
     shutil.copy(tmp_path / "journal.bin", tmp_path / "base.img.redolog")
     with pytest.raises(CorruptImage, match="not found"):
         open_disk(str(tmp_path / "base.img.redolog"), "bochs", read_only=True)
+
+
+def test_reads_with_o_direct(tmp_path: Path) -> None:
+    disk_size = 2 * MiB
+    sectors, expected = random_sectors(disk_size, 300, seed=13)
+    build_growing(tmp_path / "d.bochs", disk_size, sectors, extent_size=8192)
+    disk = open_disk(str(tmp_path / "d.bochs"), cache=CacheMode.NONE)
+    try:
+        assert disk.read_only
+        rng = random.Random(3)
+        for _ in range(100):
+            off = rng.randrange(disk_size)
+            n = rng.randrange(1, min(64 * KiB, disk_size - off) + 1)
+            assert bytes(disk.read(off, n)) == expected[off : off + n]
+    finally:
+        disk.close()
 
 
 def test_disk_size_not_a_sector_multiple_is_floored_like_qemu(tmp_path: Path) -> None:

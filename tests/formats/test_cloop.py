@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from imgfs.block.disk import open_disk
+from imgfs.block.hostfile import CacheMode
 from imgfs.errors import CorruptImage, ImgfsError, ReadOnly, Unsupported
 from imgfs.formats.cloop import CloopDriver
 from tests.conftest import SHARED
@@ -100,10 +101,11 @@ def test_create_compressed_fs_block_sizes_match_qemu_and_extract(
     assert qemu_info(image)["virtual-size"] == len(exported)
 
 
-def test_reads_at_odd_offsets_across_blocks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", [CacheMode.WRITEBACK, CacheMode.NONE])
+def test_reads_at_odd_offsets_across_blocks(tmp_path: Path, cache: CacheMode) -> None:
     data = mixed_data(600 * KiB, seed=7)
     image = make_cloop(tmp_path, "disk.cloop", data, "-B", "4096")
-    disk = open_disk(str(image), "cloop", read_only=True)
+    disk = open_disk(str(image), "cloop", cache=cache)  # opens read-only by itself
     try:
         assert disk.read_only
         rng = random.Random(1)

@@ -16,6 +16,7 @@ import pytest
 from imgfs.block.chain import chain_block_status
 from imgfs.block.disk import open_disk
 from imgfs.block.extent import Allocation
+from imgfs.block.hostfile import CacheMode
 from imgfs.errors import CorruptImage, ImgfsError, InvalidRequest, ReadOnly, Unsupported
 from imgfs.formats.cow import CowDriver
 from tests.oracle import assert_same_bytes, pattern_image
@@ -87,12 +88,15 @@ def test_uml_mkcow_file_reads_its_backing_file(tmp_path: Path) -> None:
         disk.close()
 
 
+@pytest.mark.parametrize("cache", [CacheMode.WRITEBACK, CacheMode.NONE, CacheMode.DIRECTSYNC])
 @pytest.mark.parametrize("size", [2 * MiB, 1_000_000])
-def test_odd_writes_through_the_driver_merge_right_with_uml_moo(tmp_path: Path, size: int) -> None:
+def test_odd_writes_through_the_driver_merge_right_with_uml_moo(
+    tmp_path: Path, size: int, cache: CacheMode
+) -> None:
     expected = bytearray(pattern_image(tmp_path / "base.raw", size, seed=3))
     base_hash = hashlib.sha256(expected).hexdigest()
     mkcow(tmp_path / "disk.cow", tmp_path / "base.raw")
-    disk = open_disk(str(tmp_path / "disk.cow"), "cow")
+    disk = open_disk(str(tmp_path / "disk.cow"), "cow", cache=cache)
     try:
         for off, data in random_writes(size, 150, seed=size):
             disk.write(off, data)
@@ -256,11 +260,12 @@ def test_small_bitmap_cache_evicts_and_stays_right(tmp_path: Path) -> None:
         disk.close()
 
 
-def test_fuse_mount_writes_merge_right(images: Path, mount, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_fuse_mount_writes_merge_right(images: Path, mount, tmp_path: Path, cache: str) -> None:
     size = 4 * MiB
     expected = bytearray(pattern_image(images / "base.raw", size, seed=12))
     CowDriver.create(str(images / "disk.cow"), size, {"backing_file": "base.raw"})
-    m = mount(images)
+    m = mount(images, "--cache", cache)
     exported = m.file("disk.cow")
     assert exported.read_bytes() == expected
     fd = os.open(exported, os.O_RDWR)
