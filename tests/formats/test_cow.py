@@ -165,6 +165,27 @@ def test_create_writes_a_uml_compatible_v3_file(tmp_path: Path) -> None:
     assert moo(tmp_path / "new.cow", tmp_path / "merged.raw") == expected
 
 
+def test_flush_puts_the_bits_on_disk_and_info_notes_a_changed_backing_file(
+    tmp_path: Path,
+) -> None:
+    pattern_image(tmp_path / "base.raw", 1 * MiB)
+    CowDriver.create(str(tmp_path / "d.cow"), 1 * MiB, {"backing_file": "base.raw"})
+    bitmap_offset = 8192  # the 4128-byte header rounded up to the 4 KiB alignment
+    disk = open_disk(str(tmp_path / "d.cow"))
+    try:
+        disk.write(512 * 9 + 100, b"x" * 1000)  # sectors 9, 10 and 11
+        on_disk = (tmp_path / "d.cow").read_bytes()[bitmap_offset : bitmap_offset + 2]
+        assert on_disk == b"\0\0"  # the bits wait in the cache for the flush...
+        disk.flush()
+        on_disk = (tmp_path / "d.cow").read_bytes()[bitmap_offset : bitmap_offset + 2]
+        assert on_disk == bytes([0b0000_0000, 0b0000_1110])  # ...which writes them
+        assert disk.top.info().notes == []
+        os.utime(tmp_path / "base.raw", (1_000_000, 1_000_000))
+        assert "mtime" in disk.top.info().notes[0]
+    finally:
+        disk.close()
+
+
 def test_create_options_are_checked(tmp_path: Path) -> None:
     (tmp_path / "base.raw").write_bytes(bytes(4096))
     with pytest.raises(InvalidRequest, match="backing_file"):
