@@ -109,24 +109,29 @@ class _Bitmap:
 
     def run(self, sector: int, limit: int) -> tuple[bool, int]:
         """(state of ``sector``, how many sectors from it, at most ``limit``, share it)."""
-        page = self._page(sector // 8 // BITMAP_PAGE)
-        base = sector // 8 // BITMAP_PAGE * BITMAP_PAGE * 8
+        index = sector // 8 // BITMAP_PAGE
+        page = self._page(index)
+        base = index * BITMAP_PAGE * 8
         state = bool(page[(sector - base) // 8] >> (sector % 8) & 1)
-        full = 0xFF if state else 0
-        count = 0
-        while count < limit:
-            s = sector + count
+        full = b"\xff" if state else b"\x00"
+        s, end = sector, sector + limit
+        while s < end:
             if s - base >= len(page) * 8:
-                page = self._page(s // 8 // BITMAP_PAGE)
-                base = s // 8 // BITMAP_PAGE * BITMAP_PAGE * 8
-            byte = page[(s - base) // 8]
-            if s % 8 == 0 and byte == full and limit - count >= 8:
-                count += 8
-                continue
-            if bool(byte >> (s % 8) & 1) != state:
+                index = s // 8 // BITMAP_PAGE
+                page = self._page(index)
+                base = index * BITMAP_PAGE * 8
+            at = (s - base) // 8
+            if s % 8 == 0:
+                # Whole bytes of the same state, found by C code (a big disk has long runs).
+                rest = page[at:]
+                same = len(rest) - len(rest.lstrip(full))
+                if same:
+                    s += same * 8
+                    continue
+            if bool(page[at] >> (s % 8) & 1) != state:
                 break
-            count += 1
-        return state, count
+            s += 1
+        return state, min(s, end) - sector
 
     def set_range(self, first: int, count: int, value: bool) -> None:
         s, end = first, first + count

@@ -281,6 +281,34 @@ def test_small_bitmap_cache_evicts_and_stays_right(tmp_path: Path) -> None:
         disk.close()
 
 
+def test_block_status_walks_a_big_sparse_disk(tmp_path: Path) -> None:
+    size = 100 * 1024 * MiB  # a 25 MiB bitmap, all but two bits clear
+    with open(tmp_path / "base.raw", "wb") as f:
+        f.truncate(size)
+    CowDriver.create(str(tmp_path / "big.cow"), size, {"backing_file": "base.raw"})
+    disk = open_disk(str(tmp_path / "big.cow"))
+    try:
+        disk.write(size - 3 * MiB - 100, b"late")
+        disk.write(7 * MiB, b"early")
+        extents = []
+        pos = 0
+        while pos < size:
+            ext = disk.top.block_status(pos, size - pos)
+            extents.append((ext.offset, ext.length, ext.allocation))
+            pos += ext.length
+        late = size - 3 * MiB - 512
+        assert extents == [
+            (0, 7 * MiB, Allocation.UNALLOCATED),
+            (7 * MiB, 512, Allocation.DATA),
+            (7 * MiB + 512, late - 7 * MiB - 512, Allocation.UNALLOCATED),
+            (late, 512, Allocation.DATA),
+            (late + 512, size - late - 512, Allocation.UNALLOCATED),
+        ]
+        assert bytes(disk.read(size - 3 * MiB - 101, 6)) == b"\0late\0"
+    finally:
+        disk.close()
+
+
 @pytest.mark.parametrize("cache", ["writeback", "none"])
 def test_fuse_mount_writes_merge_right(images: Path, mount, tmp_path: Path, cache: str) -> None:
     size = 4 * MiB
