@@ -98,7 +98,6 @@ class CloopDriver(BlockDriver):
         self.block_size = block_size
         self.block_count = len(offsets) - 1
         self._offsets = offsets
-        self._max_compressed = _max_compressed_size(block_size)
         cache_bytes = DEFAULT_CACHE_BYTES
         if "block-cache-size" in options.driver_options:
             value = options.driver_options["block-cache-size"]

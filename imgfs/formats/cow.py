@@ -198,7 +198,6 @@ class CowDriver(BlockDriver):
         self.sector_size = sector_size
         self.bitmap_offset = bitmap_offset
         self.data_offset = data_offset
-        self._sectors = -(-size // sector_size)
         self._lock = threading.Lock()
         pages = DEFAULT_BITMAP_CACHE_PAGES
         if "bitmap-cache-pages" in options.driver_options:
