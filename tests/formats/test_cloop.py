@@ -238,3 +238,21 @@ def test_short_block_is_corrupt_on_read(tmp_path: Path) -> None:
             disk.read(4096, 10)
     finally:
         disk.close()
+
+
+def test_block_inflating_past_its_size_is_corrupt_with_bounded_output(tmp_path: Path) -> None:
+    image = tmp_path / "bomb.cloop"
+    hand_cloop(image, 4096, [bytes(4096), bytes(4096)])
+    bomb = zlib.compress(bytes(1 * MiB), 9)  # ~1 KiB that would inflate to 1 MiB
+    head = image.read_bytes()[: 136 + 8 * 3]
+    body = zlib.compress(bytes(4096)) + bomb
+    first = 136 + 8 * 3
+    table = struct.pack(">QQQ", first, first + len(zlib.compress(bytes(4096))), first + len(body))
+    image.write_bytes(head[:136] + table + body)
+    disk = open_disk(str(image), "cloop", read_only=True, driver_options={})
+    try:
+        assert bytes(disk.read(0, 4096)) == bytes(4096)
+        with pytest.raises(CorruptImage, match="block 1 inflates to more than"):
+            disk.read(4096, 4096)
+    finally:
+        disk.close()
