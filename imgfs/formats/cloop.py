@@ -27,7 +27,7 @@ from imgfs.block.driver import BlockDriver, OpenOptions, ProbeInput
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
+from imgfs.errors import CorruptImage, Unsupported
 
 PREAMBLE_SIZE = 128
 BLOCK_HEADER = struct.Struct(">II")  # block_size, block count
@@ -89,6 +89,7 @@ class CloopDriver(BlockDriver):
     format_name = "cloop"
     supports_write = False
     cheap_reads = False  # every read inflates
+    runtime_options = {"block-cache-size": "bytes of inflated blocks kept per image (default 16M)"}
 
     def __init__(
         self, file: HostFile, options: OpenOptions, block_size: int, offsets: array
@@ -98,13 +99,7 @@ class CloopDriver(BlockDriver):
         self.block_size = block_size
         self.block_count = len(offsets) - 1
         self._offsets = offsets
-        cache_bytes = DEFAULT_CACHE_BYTES
-        if "block-cache-size" in options.driver_options:
-            value = options.driver_options["block-cache-size"]
-            try:
-                cache_bytes = int(value)
-            except ValueError:
-                raise InvalidRequest(f"cloop: bad block-cache-size {value!r}") from None
+        cache_bytes = options.size_option("block-cache-size", DEFAULT_CACHE_BYTES)
         self._cache = _BlockCache(cache_bytes // block_size)
 
     @classmethod

@@ -168,6 +168,7 @@ class _Bitmap:
 
 class CowDriver(BlockDriver):
     format_name = "cow"
+    runtime_options = {"bitmap-cache-pages": "4 KiB bitmap pages kept per image (default 256)"}
     supports_write = True
 
     create_options = {

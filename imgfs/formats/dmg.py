@@ -42,7 +42,7 @@ from imgfs.block.driver import (
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, ReadOnly, Unsupported
 from imgfs.formats._chunkcache import DEFAULT_CACHE_BYTES, ChunkCache
 
 SECTOR = 512
@@ -310,7 +310,7 @@ class DmgDriver(BlockDriver):
         self._starts = [r.start for r in runs]
         self._partitions = partitions
         self._source = source
-        cache_bytes = _size_option(options, "chunk-cache-size", DEFAULT_CACHE_BYTES)
+        cache_bytes = options.size_option("chunk-cache-size", DEFAULT_CACHE_BYTES)
         self._cache = ChunkCache(cache_bytes)
 
     # -- discovery ------------------------------------------------------------------------------
@@ -588,21 +588,6 @@ def _stored_crc(field: bytes) -> int:
 
 def _reads_zero(run: Run | None) -> bool:
     return run is None or run.kind in (CT_ZERO, CT_IGNORE)
-
-
-def _size_option(options: OpenOptions, key: str, default: int) -> int:
-    text = options.driver_options.get(key)
-    if text is None:
-        return default
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    try:
-        mult = units.get(text[-1:].lower(), 1)
-        value = int(text[:-1] if mult != 1 else text) * mult
-    except ValueError:
-        raise InvalidRequest(f"bad {key} value {text!r}") from None
-    if value < 0:
-        raise InvalidRequest(f"bad {key} value {text!r}")
-    return value
 
 
 def _blkx_from_plist(path: str, text: bytes) -> list[tuple[bytes, str, int | None]]:
