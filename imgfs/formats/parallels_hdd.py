@@ -15,8 +15,8 @@ the descriptor; the bundle is one disk.
 from __future__ import annotations
 
 import bisect
-import os
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Self
 
@@ -250,7 +250,7 @@ class ParallelsHddDriver(BlockDriver):
     def virtual_size(self) -> int:
         return self.desc.disk_size
 
-    def _pieces(self, offset: int, length: int):
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[BlockDriver, int, int]]:
         end = offset + length
         i = bisect.bisect_right(self._starts, offset) - 1
         while offset < end:
