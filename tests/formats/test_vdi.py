@@ -84,26 +84,26 @@ def test_qemu_images_export_like_qemu(tmp_path: Path, static: bool, size: int) -
 
 
 @pytest.mark.parametrize(
-    "name, opener, sha",
+    "name, opener, raw_sha",
     [
         (
             "dissect-hypervisor/basic.vdi.gz",
             gzip.open,
-            "90373f35031056713dc31b2db98e45b7950bc8c4ac9ff83960ff8538c36f7235",
+            "92d551781f9b62f3c8601ffd375cc7547efb1127e3cd2acc652f50f2d31afb8c",
         ),
         (
             "yvhdt/test.vdi.xz",
             lzma.open,
-            "b9ef8d68b37148a4fa31abf950bbbdbe0cc194b848f089852b71f4926a5d10d7",
+            "bb9f8df61474d25e71fa00722318cd387396ca1736605e1248821cc0de3d3af8",
         ),
     ],
 )
-def test_corpus(tmp_path: Path, name: str, opener, sha: str) -> None:
+def test_corpus(tmp_path: Path, name: str, opener, raw_sha: str) -> None:
     image = tmp_path / "corpus.vdi"
     with opener(CORPUS / name) as src, open(image, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    assert sha256_file(image) == sha
     exported = export(image, tmp_path / "out.raw", None)  # probed as vdi
+    assert sha256_file(exported) == raw_sha  # MANIFEST's raw sha256
     assert_export_matches_qemu(image, exported, tmp_path)
 
 
@@ -187,7 +187,7 @@ def test_discard_and_write_zeroes(tmp_path: Path) -> None:
     disk.discard(4 * MiB + 512, 4096)  # partial: kept (allowed)
     disk.write_zeroes(5 * MiB + 1000, 3000)
     disk.flush()
-    assert os.stat(image).st_blocks < used - (3 * MiB) // 512
+    assert os.stat(image).st_blocks <= used - (2 * MiB - 8192) // 512
     assert disk.block_status(0, 6 * MiB).length == MiB
     expected = bytearray(b"\x22" * 6 * MiB)
     expected[MiB : 3 * MiB] = bytes(2 * MiB)
@@ -243,6 +243,7 @@ def test_export_through_mount_matches_qemu(tmp_path: Path, images: Path, mount) 
     qemu_io(image, "write -P 7 777k 1M", "write -P 9 4M 512")
     m = mount(images, "--read-only")
     assert_export_matches_qemu(image, m.file("disk.vdi"), tmp_path, "vdi")
+    m.umount()
 
 
 # -- hostile and unsupported headers ----------------------------------------------------------
