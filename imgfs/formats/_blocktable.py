@@ -203,7 +203,14 @@ class BlockTableDriver(BlockDriver):
                 break
             n = min(n + bs, length)
             block += 1
-        return Extent(offset, n, state, host_offset=host + within if host is not None else None)
+        if state is Allocation.DATA and host is not None:
+            # A block whose host range is a hole (discarded, or never written since its sparse
+            # allocation) reads as zeros: say so, as qemu's file layer does.
+            is_data, run = self.file.data_extents(host + within, n)
+            if not is_data:
+                return Extent(offset, run, Allocation.ZERO)
+            return Extent(offset, run, state, host_offset=host + within)
+        return Extent(offset, n, state)
 
     # -- durability -----------------------------------------------------------------------------
 
