@@ -266,7 +266,7 @@ class ParallelsDriver(BlockTableDriver):
         tracks = cluster // SECTOR
         data_off = _round_up(_HEADER.size + 4 * clusters, cluster)
         heads, sectors_per_track = 16, 32
-        cylinders = -(-sectors // (heads * sectors_per_track))
+        cylinders = sectors // (heads * sectors_per_track)  # as qemu-img computes it
         bat = bytearray(4 * clusters)
         end = data_off
         if prealloc != "off" and clusters:
