@@ -51,6 +51,10 @@ class BlockTableDriver(BlockDriver):
     """A driver whose guest blocks of ``block_size`` bytes are found through ``self.table``."""
 
     supports_write = True
+    #: Write (and sync) a dirty header before the table sectors: for formats whose header
+    #: counts allocated blocks and whose readers allocate at that count (VDI), so a crash
+    #: between the two can never make a new block collide with one the table names.
+    header_before_table = False
 
     def __init__(self, file: HostFile, options: OpenOptions) -> None:
         super().__init__(file, options)
@@ -218,6 +222,10 @@ class BlockTableDriver(BlockDriver):
         with self.lock:
             if self._dirty_sectors or self._header_dirty:
                 self.file.sync()  # the data that new entries point at is durable first
+                if self._header_dirty and self.header_before_table:
+                    self.write_header()
+                    self._header_dirty = False
+                    self.file.sync()
                 self._write_dirty_table()
                 if self._header_dirty:
                     self.write_header()

@@ -298,6 +298,7 @@ class ParallelsHddDriver(BlockDriver):
 
     def info(self) -> ImageInfo:
         info = super().info()
+        info.actual_size += sum(part.file.allocated_size() for part in self._all)
         info.format_specific = {
             "storages": len(self.desc.storages),
             "snapshots": len(self.desc.chain),

@@ -13,8 +13,11 @@ Layout (little-endian), as VirtualBox documents it and qemu-img writes it:
 Data blocks are dense: a new block gets index ``blocks_allocated`` (as VirtualBox and qemu
 allocate), and the header's ``blocks_allocated`` counts the mapped entries (qemu-img check
 compares the two). Crash-safe order (see :mod:`imgfs.formats._blocktable`): the data block is
-written past the end of the data area, synced, then the block-map sector and the header are
-written, then synced again.
+written past the end of the data area and synced; then the header with the new
+``blocks_allocated`` is written and synced; then the block-map sectors, and a last sync. A crash
+at any point leaves every map entry naming written data, and never lets a later allocation
+(which takes index ``blocks_allocated``) reuse an index the map names; at worst the header
+counts a block the map does not name yet (``qemu-img check -r all`` recounts).
 
 Discard and write-zeroes of whole allocated blocks punch the host data (the block stays mapped,
 so the dense indices and ``blocks_allocated`` stay consistent); unallocated and zero blocks
@@ -70,6 +73,7 @@ def _round_up(n: int, to: int) -> int:
 
 class VdiDriver(BlockTableDriver):
     format_name = "vdi"
+    header_before_table = True
 
     create_options = {
         "static": "on/off: preallocate every block (a fixed image); default off",

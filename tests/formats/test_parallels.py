@@ -16,6 +16,7 @@ import pytest
 from imgfs.block import registry
 from imgfs.block.disk import open_disk
 from imgfs.block.extent import Allocation
+from imgfs.block.hostfile import CacheMode
 from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
 from imgfs.formats.parallels import INUSE_MAGIC, ParallelsDriver
 from imgfs.formats.parallels_hdd import ParallelsHddDriver
@@ -576,3 +577,17 @@ def test_bundle_through_fuse_mount(tmp_path: Path, images: Path, mount) -> None:
     (tmp_path / "expected.raw").write_bytes(expected)
     assert_qemu_check_clean(part(bundle), "parallels")
     assert_qemu_compare_identical(part(bundle), tmp_path / "expected.raw", "parallels")
+
+
+@pytest.mark.parametrize("cache", [CacheMode.NONE, CacheMode.DIRECTSYNC])
+def test_writes_with_o_direct(tmp_path: Path, cache: CacheMode) -> None:
+    image = tmp_path / "disk.prl"
+    ParallelsDriver.create(str(image), 5 * MiB + 512, {"cluster_size": "64k"})
+    disk = open_disk(str(image), "parallels", cache=cache)
+    expected = bytearray(disk.size)
+    random_writes(disk, expected, 21, 25, 150_000)
+    assert disk.read(0, disk.size) == expected
+    disk.close()
+    (tmp_path / "expected.raw").write_bytes(expected)
+    assert_qemu_check_clean(image, "parallels")
+    assert_qemu_compare_identical(image, tmp_path / "expected.raw", "parallels")

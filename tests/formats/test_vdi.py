@@ -16,6 +16,7 @@ import pytest
 
 from imgfs.block.disk import open_disk
 from imgfs.block.extent import Allocation
+from imgfs.block.hostfile import CacheMode
 from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
 from imgfs.formats.vdi import VdiDriver
 from tests.conftest import SHARED
@@ -325,3 +326,17 @@ def test_export_matches_raw_file_byte_for_byte(tmp_path: Path) -> None:
     image = qemu_vdi(tmp_path / "disk.vdi", 3 * MiB)
     qemu_io(image, "write -P 0xcc 1536k 1k")
     assert_same_bytes(export(image, tmp_path / "a.raw"), qemu_raw(image, tmp_path / "b.raw"))
+
+
+@pytest.mark.parametrize("cache", [CacheMode.NONE, CacheMode.DIRECTSYNC])
+def test_writes_with_o_direct(tmp_path: Path, cache: CacheMode) -> None:
+    image = tmp_path / "disk.vdi"
+    VdiDriver.create(str(image), 5 * MiB + 512, {})
+    disk = open_disk(str(image), "vdi", cache=cache)
+    expected = bytearray(disk.size)
+    random_writes(disk, expected, 21, 25, 150_000)
+    assert disk.read(0, disk.size) == expected
+    disk.close()
+    (tmp_path / "expected.raw").write_bytes(expected)
+    assert_qemu_check_clean(image, "vdi")
+    assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vdi")
