@@ -280,7 +280,8 @@ class ParallelsDriver(BlockTableDriver):
         )  # fmt: skip
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            os.pwrite(fd, header + bytes(bat), 0)
+            # An all-zero BAT is left as a hole (the truncate below reads as zeros).
+            os.pwrite(fd, header + bytes(bat) if prealloc != "off" else header, 0)
             os.ftruncate(fd, end)
             if end > data_off:
                 if prealloc == "falloc":
