@@ -7,8 +7,8 @@ writes, zeroing, block status and the crash-safe flush order:
 
 1. new blocks are appended past the end of the data area; the host file is extended first
    (a sparse extension reads as zeros), so an entry never points at unwritten garbage;
-2. the data is written at once; the table entry changes only in memory and its 512-byte
-   table sector is marked dirty;
+2. the data is written at once, and only then the table entry changes, in memory; its
+   512-byte table sector is marked dirty;
 3. ``flush`` syncs the data, then writes the dirty table sectors and the header, then syncs
    again. A crash before the second step leaves the on-disk table pointing at old blocks only;
    the appended block is unreferenced space that the next allocation overwrites.
@@ -71,9 +71,10 @@ class BlockTableDriver(BlockDriver):
         """(allocation, host offset of the block's data) for a table entry."""
         raise NotImplementedError
 
-    def allocate_block(self, block: int) -> int:
-        """Called with ``self.lock`` held: reserve host space for ``block`` (extending the file),
-        set its entry with :meth:`set_entry`, and return the host offset of its data."""
+    def allocate_block(self, block: int) -> tuple[int, int]:
+        """Called with ``self.lock`` held: reserve host space for ``block`` (extending the file
+        so the block reads as zeros) and return (host offset of its data, table entry). The
+        caller writes the data and then sets the entry."""
         raise NotImplementedError
 
     def write_header(self) -> None:
@@ -138,27 +139,49 @@ class BlockTableDriver(BlockDriver):
         self._check_writable()
         view = memoryview(data).cast("B")
         bs = self.block_size
+        # Pieces for blocks already allocated and contiguous on the host go in one pwrite.
+        run_host: int | None = None
+        run_start = run_len = 0
         pos = 0
         while pos < len(view):
             block, within = divmod(offset + pos, bs)
             n = min(bs - within, len(view) - pos)
             state, host = self._host(block)
-            if state is not Allocation.DATA or host is None:
-                with self.lock:
-                    state, host = self._host(block)
-                    if state is not Allocation.DATA or host is None:
-                        host = self._allocate_filled(block, state)
-            self.file.pwrite(host + within, view[pos : pos + n])
+            if state is Allocation.DATA and host is not None:
+                if run_host is not None and run_host + run_len == host + within:
+                    run_len += n
+                else:
+                    if run_host is not None:
+                        self.file.pwrite(run_host, view[run_start : run_start + run_len])
+                    run_host, run_start, run_len = host + within, pos, n
+            else:
+                if run_host is not None:
+                    self.file.pwrite(run_host, view[run_start : run_start + run_len])
+                    run_host = None
+                self._write_new_block(block, within, view[pos : pos + n])
             pos += n
+        if run_host is not None:
+            self.file.pwrite(run_host, view[run_start : run_start + run_len])
 
-    def _allocate_filled(self, block: int, state: Allocation) -> int:
-        host = self.allocate_block(block)
-        if state is Allocation.UNALLOCATED and self.backing is not None:
-            # Copy-on-write of the backing image's block before the partial write lands.
-            start = block * self.block_size
-            n = min(self.block_size, self.virtual_size - start)
-            self.file.pwrite(host, self.read_backing(start, n))
-        return host
+    def _write_new_block(self, block: int, within: int, piece: memoryview) -> None:
+        """Write into a block that has no data yet: reserve space, write the data (merged with
+        the backing image's block when there is one), and only then publish the table entry,
+        so no reader and no flush ever sees an entry whose data is not in place."""
+        with self.lock:
+            state, host = self._host(block)
+            if state is Allocation.DATA and host is not None:  # another writer got here first
+                self.file.pwrite(host + within, piece)
+                return
+            host, entry = self.allocate_block(block)
+            if state is Allocation.UNALLOCATED and self.backing is not None:
+                start = block * self.block_size
+                n = min(self.block_size, self.virtual_size - start)
+                buf = bytearray(self.read_backing(start, n))
+                buf[within : within + len(piece)] = piece
+                self.file.pwrite(host, buf)
+            else:
+                self.file.pwrite(host + within, piece)  # the rest of the block is a hole
+            self.set_entry(block, entry)
 
     def discard(self, offset: int, length: int) -> None:
         """Whole allocated blocks give their host space back (hole punched); the block stays

@@ -170,7 +170,7 @@ class ParallelsDriver(BlockTableDriver):
             )
         return Allocation.DATA, host
 
-    def allocate_block(self, block: int) -> int:
+    def allocate_block(self, block: int) -> tuple[int, int]:
         if block >= len(self.table):
             raise Unsupported(
                 f"{self.file.path}: cluster {block} is past the BAT ({len(self.table)} entries)"
@@ -183,8 +183,7 @@ class ParallelsDriver(BlockTableDriver):
         if self.file.size() < end:
             self.file.truncate(end)  # sparse: reads as zeros until written
         self.data_end = end
-        self.set_entry(block, entry)
-        return host
+        return host, entry
 
     def write_header(self) -> None:
         self.file.pwrite(0, _HEADER.pack(*self._fields))

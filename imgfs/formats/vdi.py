@@ -182,7 +182,7 @@ class VdiDriver(BlockTableDriver):
     def _data_offset(self, index: int) -> int:
         return self.offset_data + index * (self.block_extra + self.block_size) + self.block_extra
 
-    def allocate_block(self, block: int) -> int:
+    def allocate_block(self, block: int) -> tuple[int, int]:
         if self._next_index is None:
             # Dense indices: the next one is blocks_allocated, unless a crash left a map entry
             # written past it (never reuse an index some entry still names).
@@ -197,9 +197,8 @@ class VdiDriver(BlockTableDriver):
             self.file.truncate(end)  # sparse: the new block reads as zeros until written
         self._next_index = index + 1
         self.blocks_allocated += 1
-        self.set_entry(block, index)
         self.mark_header_dirty()
-        return host
+        return host, index
 
     def write_header(self) -> None:
         f = list(self._fields)
