@@ -9,9 +9,10 @@ writes, zeroing, block status and the crash-safe flush order:
    (a sparse extension reads as zeros), so an entry never points at unwritten garbage;
 2. the data is written at once, and only then the table entry changes, in memory; its
    512-byte table sector is marked dirty;
-3. ``flush`` syncs the data, then writes the dirty table sectors and the header, then syncs
-   again. A crash before the second step leaves the on-disk table pointing at old blocks only;
-   the appended block is unreferenced space that the next allocation overwrites.
+3. ``flush`` syncs the data, then writes the dirty table sectors and the header (the header
+   first, synced on its own, when ``header_before_table``), then syncs again. A crash before
+   the table is written leaves the on-disk table pointing at old blocks only; the appended
+   block is unreferenced space that the next allocation overwrites.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ class BlockTableDriver(BlockDriver):
         raise NotImplementedError
 
     def write_header(self) -> None:
-        """Write the header (called by flush after the table, when ``mark_header_dirty`` was
-        called)."""
+        """Write the header; flush calls it when ``mark_header_dirty`` was called since the
+        last flush (after the table, or before it with ``header_before_table``)."""
         raise NotImplementedError
 
     # -- helpers --------------------------------------------------------------------------------
