@@ -14,7 +14,8 @@ and synced before the BAT sector that points at it (see :mod:`imgfs.formats._blo
 
 While the image is open for writing, ``in_use`` holds 0x746F6E59; a clean close puts back the
 value found at open (0 for qemu's images). An image found with the in-use marker was not
-closed cleanly and is opened read-only, as qemu refuses to write it before a repair. Images with
+closed cleanly and is opened read-only, as qemu refuses to write it before a repair
+(``check`` with RepairMode.ALL, or ``qemu-img check -r all``, clears it). Images with
 a format extension (dirty bitmaps, ``ext_off``) are opened read-only too: writes would make the
 stored bitmaps lie.
 """
@@ -221,8 +222,18 @@ class ParallelsDriver(BlockTableDriver):
             seen[host] = block
             high = max(high, host + self.block_size)
         if self._inuse_at_open == INUSE_MAGIC:
-            result.corruptions += 1
-            result.messages.append("image was not closed correctly")
+            if repair is RepairMode.ALL and self.file.writable:
+                # The BAT only ever points at written data (see the flush order), so clearing
+                # the flag is the whole repair; the image opens writable from the next open.
+                self._fields[F_INUSE] = 0
+                self.file.pwrite(0, _HEADER.pack(*self._fields))
+                self.file.sync()
+                self._inuse_at_open = 0
+                result.corruptions_fixed += 1
+                result.messages.append("cleared the in-use flag")
+            else:
+                result.corruptions += 1
+                result.messages.append("image was not closed correctly")
         if file_size > high:
             result.leaks += 1
         result.allocated_clusters = len(seen)

@@ -239,11 +239,22 @@ class VdiDriver(BlockTableDriver):
             else:
                 seen[entry] = block
         if len(seen) != self.blocks_allocated:
-            result.corruptions += 1
-            result.messages.append(
+            message = (
                 f"allocated blocks mismatch: header says {self.blocks_allocated}, map has "
                 f"{len(seen)}"
             )
+            if repair is RepairMode.ALL and not self.read_only:
+                # As qemu-img check -r all does: the header takes the map's count. Our own
+                # allocator still never reuses an index the map names (see allocate_block).
+                with self.lock:
+                    self.blocks_allocated = len(seen)
+                    self.write_header()
+                    self.file.sync()
+                result.corruptions_fixed += 1
+                result.messages.append(message + " (fixed)")
+            else:
+                result.corruptions += 1
+                result.messages.append(message)
         result.allocated_clusters = len(seen)
         return result
 

@@ -18,6 +18,7 @@ import pytest
 from imgfs.block import registry
 from imgfs.block.chain import Containment
 from imgfs.block.disk import open_disk
+from imgfs.block.driver import RepairMode
 from imgfs.block.extent import Allocation
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import CorruptImage, InvalidRequest, NotPermitted, ReadOnly, Unsupported
@@ -28,6 +29,7 @@ from tests.oracle import (
     assert_export_matches_qemu,
     assert_qemu_check_clean,
     assert_qemu_compare_identical,
+    qemu_check,
     qemu_img,
     qemu_info,
     qemu_raw,
@@ -213,6 +215,23 @@ def test_unclean_image_opens_read_only(tmp_path: Path) -> None:
     finally:
         disk.close()
     assert struct.unpack_from("<I", image.read_bytes(), 44)[0] == INUSE_MAGIC  # left alone
+    status, _ = qemu_check(image, "parallels")
+    assert status == 2  # qemu agrees the image is unclean
+    disk = open_disk(str(image), "parallels")
+    try:
+        assert disk.check(RepairMode.NONE).corruptions == 1
+        result = disk.check(RepairMode.ALL)
+        assert (result.corruptions, result.corruptions_fixed) == (0, 1)
+    finally:
+        disk.close()
+    assert_qemu_check_clean(image, "parallels")
+    disk = open_disk(str(image), "parallels")
+    try:
+        assert not disk.read_only
+        disk.write(0, b"x")
+    finally:
+        disk.close()
+    assert_qemu_check_clean(image, "parallels")
 
 
 def test_discard_and_block_status(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from imgfs.block.disk import open_disk
+from imgfs.block.driver import RepairMode
 from imgfs.block.extent import Allocation
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
@@ -26,6 +27,7 @@ from tests.oracle import (
     assert_qemu_check_clean,
     assert_qemu_compare_identical,
     assert_same_bytes,
+    qemu_check,
     qemu_img,
     qemu_info,
     qemu_raw,
@@ -388,4 +390,27 @@ def test_concurrent_writers(tmp_path: Path) -> None:
     disk.close()
     (tmp_path / "expected.raw").write_bytes(expected)
     assert_qemu_check_clean(image, "vdi")
+    assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vdi")
+
+
+def test_check_and_repair_of_the_allocated_count(tmp_path: Path) -> None:
+    """A header that counts a block the map does not name (a crash between the two writes)
+    is found by check, as by qemu-img check, and repaired."""
+    image = qemu_vdi(tmp_path / "disk.vdi", 4 * MiB)
+    qemu_io(image, "write -P 3 1M 64k")
+    _patch(image, 0x184, "<I", 2)
+    assert qemu_check(image, "vdi")[0] == 2
+    disk = open_disk(str(image), "vdi")
+    try:
+        assert disk.check(RepairMode.NONE).corruptions == 1
+        result = disk.check(RepairMode.ALL)
+        assert (result.corruptions, result.corruptions_fixed) == (0, 1)
+        disk.write(3 * MiB, b"after repair")
+    finally:
+        disk.close()
+    assert_qemu_check_clean(image, "vdi")
+    expected = bytearray(4 * MiB)
+    expected[MiB : MiB + 64 * 1024] = b"\x03" * 64 * 1024
+    expected[3 * MiB : 3 * MiB + 12] = b"after repair"
+    (tmp_path / "expected.raw").write_bytes(expected)
     assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vdi")
