@@ -100,9 +100,9 @@ make_image disk.qcow      convert_to qcow
 # make_image disk.vhd       convert_to vpc -o force_size=on  # add when the vpc driver lands
 #                           # (without force_size qemu rounds the size up to a CHS geometry)
 # make_image disk.vhdx      convert_to vhdx                  # add when the vhdx driver lands
-# make_image disk.vdi       convert_to vdi                   # add when the vdi driver lands
+make_image disk.vdi       convert_to vdi
 make_image disk.qed       convert_to qed
-# make_image disk.hdd       convert_to parallels             # add when the parallels driver lands
+make_image disk.hds       convert_to parallels
 # make_image disk.luks      convert_to luks --object secret,id=k,data=demo -o key-secret=k
 #                           # add when the luks driver lands; qemu-img sometimes fails to create
 #                           # LUKS images ("Unable to get accurate CPU usage"): retry it
