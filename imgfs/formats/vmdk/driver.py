@@ -32,7 +32,6 @@ from imgfs.formats.vmdk import descriptor as vmdk_descriptor
 from imgfs.formats.vmdk.extents import (
     COWD_HEADER,
     COWD_MAGIC,
-    KDMV_HEADER,
     KDMV_MAGIC,
     SECTOR,
     FlatExtent,
@@ -84,17 +83,11 @@ class VmdkDriver(BlockDriver):
         try:
             with open(path, "rb") as f:
                 head = f.read(512)
-                if head[:4] == b"KDMV":
-                    fields = KDMV_HEADER.unpack(head)
-                    offset, size = fields[5] * SECTOR, fields[6] * SECTOR
-                    if not offset or size > vmdk_descriptor.MAX_DESCRIPTOR_SIZE:
-                        return []
-                    f.seek(offset)
-                    raw = f.read(size)
-                else:
-                    raw = head + f.read(vmdk_descriptor.MAX_DESCRIPTOR_SIZE)
-                    if not vmdk_descriptor.looks_like_descriptor(raw):
-                        return []
+                if head[:4] in (b"KDMV", b"COWD"):
+                    return []  # a sparse file with an embedded descriptor is its own extent
+                raw = head + f.read(vmdk_descriptor.MAX_DESCRIPTOR_SIZE)
+                if not vmdk_descriptor.looks_like_descriptor(raw):
+                    return []
             me = os.path.realpath(path)
             return [
                 name
@@ -148,10 +141,16 @@ class VmdkDriver(BlockDriver):
                 raise CorruptImage(f"{path}: neither a sparse extent nor a vmdk descriptor")
         desc = vmdk_descriptor.parse(raw, path)
         self.descriptor = desc
-        if not desc.extents:
-            raise CorruptImage(f"{path}: descriptor lists no extents")
-        for line in desc.extents:
-            self._add_extent(self._open_extent(line))
+        if self.embedded_descriptor is not None:
+            # A sparse file with its descriptor inside is one extent, itself, whatever name
+            # the descriptor's extent line gives (tools rename such files freely).
+            capacity = fields[3]
+            self._add_extent(open_sparse(self.file, capacity * SECTOR, not self.read_only))
+        else:
+            if not desc.extents:
+                raise CorruptImage(f"{path}: descriptor lists no extents")
+            for line in desc.extents:
+                self._add_extent(self._open_extent(line))
         if self.size > MAX_VIRTUAL_SIZE:
             raise CorruptImage(f"{path}: disk size {self.size} bytes is beyond any vmdk")
         if not self.read_only:

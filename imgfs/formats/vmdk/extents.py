@@ -602,9 +602,10 @@ class SeSparseExtent(VmdkExtent):
         super().__init__(file, length, False)
         h = SESPARSE_HEADER.unpack(bytes(file.pread(0, SESPARSE_HEADER.size)))
         (magic, version, capacity, grain, gt_size, flags) = h[:6]
-        (vol_off, _vol_size, _j_off, _j_size, _jr_off, _jr_size) = h[6:12]
-        (gd_off, gd_size, gts_off, gts_size, _fb_off, _fb_size, _bm_off, _bm_size) = h[12:20]
-        (grains_off, grains_size) = h[20:22]
+        # h[6:10] are reserved; then volatile header, journal header, journal (offset, size).
+        vol_off = h[10]
+        (gd_off, gd_size, gts_off, gts_size, _fb_off, _fb_size, _bm_off, _bm_size) = h[16:24]
+        (grains_off, grains_size) = h[24:26]
         if magic != SESPARSE_MAGIC:
             raise CorruptImage(f"{file.path}: not a seSparse extent (magic {magic:#x})")
         if version != 0x200000001:
