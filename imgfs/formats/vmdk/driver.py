@@ -116,7 +116,10 @@ class VmdkDriver(BlockDriver):
         if magic == KDMV_MAGIC:
             fields = read_kdmv_header(self.file, head)
             desc_offset, desc_size = fields[5], fields[6]
-            if desc_offset == 0:
+            blank = desc_offset and not bytes(self.file.pread(desc_offset * SECTOR, 64)).strip(
+                b"\0"
+            )
+            if desc_offset == 0 or blank:
                 raise Unsupported(
                     f"{path}: a sparse extent without a descriptor; open the descriptor file "
                     "that names it"
@@ -235,7 +238,7 @@ class VmdkDriver(BlockDriver):
         while pos < end:
             extent, i = self._locate(pos)
             rel = pos - self.starts[i]
-            m = extent.map(rel, min(end - pos, extent.length - rel))
+            m = extent.map_for_read(rel, min(end - pos, extent.length - rel))
             if m.state is State.DATA:
                 assert extent.file is not None and m.host_offset is not None
                 pieces.append(extent.file.pread(m.host_offset, m.length))

@@ -104,6 +104,10 @@ class VmdkExtent:
     def map(self, offset: int, length: int) -> Mapping:
         raise NotImplementedError
 
+    def map_for_read(self, offset: int, length: int) -> Mapping:
+        """Like map, for a read: may skip work that only block status needs."""
+        return self.map(offset, length)
+
     def read_compressed(self, offset: int, length: int) -> bytes:
         raise Unsupported("this extent has no compressed grains")
 
@@ -137,6 +141,13 @@ class FlatExtent(VmdkExtent):
         self.base = base
 
     def map(self, offset: int, length: int) -> Mapping:
+        assert self.file is not None
+        is_data, run = self.file.data_extents(self.base + offset, length)
+        if not is_data:
+            return Mapping(State.ZERO, None, run)  # a hole in the host file reads as zeros
+        return Mapping(State.DATA, self.base + offset, run)
+
+    def map_for_read(self, offset: int, length: int) -> Mapping:
         return Mapping(State.DATA, self.base + offset, length)
 
     def write(self, offset: int, data: memoryview, backing: BackingReader) -> None:
