@@ -160,14 +160,16 @@ class VmdkDriver(BlockDriver):
             blocked = [e for e in self.extents if not e.writable and not isinstance(e, ZeroExtent)]
             if blocked:
                 self.read_only = True
+                reason = getattr(blocked[0], "read_only_reason", None)
                 self.notes.append(
-                    f"opened read-only: imgfs does not write {blocked[0].kind} extents"
-                    + (
-                        " (streamOptimized is append-only; convert it to monolithicSparse)"
-                        if blocked[0].kind == "streamOptimized"
-                        else ""
-                    )
+                    f"opened read-only: imgfs does not write this {blocked[0].kind} extent"
+                    + (f" because {reason}" if reason else "")
                 )
+        if not self.read_only and self._stream_extents():
+            self.notes.append(
+                "streamOptimized: writes append whole deflated grains; rewritten grains leave "
+                "their old copy behind (convert to reclaim the space)"
+            )
         if any(isinstance(e, SparseExtent) and e.compressed for e in self.extents):
             self.cheap_reads = False  # type: ignore[misc]
 
@@ -309,6 +311,21 @@ class VmdkDriver(BlockDriver):
             extent.zero(
                 pos - base, n, lambda rel, size, base=base: self.read_backing(base + rel, size)
             )
+
+    def _stream_extents(self) -> list[SparseExtent]:
+        return [e for e in self.extents if isinstance(e, SparseExtent) and e.compressed]
+
+    def compressed_write_unit(self) -> int:
+        stream = self._stream_extents()
+        if not stream:
+            raise Unsupported(
+                f"{self.file.path}: only streamOptimized vmdk images hold compressed grains"
+            )
+        return stream[0].grain_size
+
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.compressed_write_unit()  # refuses images without compressed grains
+        self.write(offset, data)
 
     def discard(self, offset: int, length: int) -> None:
         if self.read_only:

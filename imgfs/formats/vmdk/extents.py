@@ -205,6 +205,8 @@ class SparseExtent(VmdkExtent):
         markers: bool,
         kind: str,
         version: int,
+        overhead: int = 0,
+        footer: bool = False,
     ) -> None:
         super().__init__(file, length, writable)
         self.kind = kind
@@ -233,8 +235,40 @@ class SparseExtent(VmdkExtent):
         )
         self.gt_cache = _LRU(GT_CACHE_BYTES // self.gt_bytes)
         self.grain_cache = _LRU(GRAIN_CACHE_BYTES // self.grain_size)
-        if compressed:
-            self.writable = False  # streamOptimized grains are append-only; we do not write them
+        self.read_only_reason: str | None = None
+        if compressed and writable:
+            if footer or not markers:
+                # The footer (or a marker-less stream) must stay last; appending would bury it.
+                self.writable = False
+                self.read_only_reason = (
+                    "its grain directory is in the footer" if footer else "it has no markers"
+                )
+            else:
+                # New compressed grains are appended after everything the tables reference,
+                # each run followed by an end-of-stream marker.
+                self.file_end = max(self._metadata_end(), overhead * SECTOR)
+
+    def _metadata_end(self) -> int:
+        """The end of the last byte any table references: GDs, GTs and grains (with their
+        markers), rounded up to a sector."""
+        assert self.file is not None
+        end = self.gd_offset * SECTOR + len(self.gd) * 4
+        if self.rgd is not None:
+            end = max(end, self.rgd_offset * SECTOR + len(self.rgd) * 4)  # type: ignore[operator]
+        last_grain = 0
+        for table in (self.gd, self.rgd or ()):
+            for gt_sector in table:
+                if gt_sector:
+                    end = max(end, gt_sector * SECTOR + self.gt_bytes)
+                    if table is self.gd:
+                        gt = array("I", bytes(self.file.pread(gt_sector * SECTOR, self.gt_bytes)))
+                        last_grain = max(last_grain, max(gt, default=0))
+        if last_grain > 1:
+            _, size = GRAIN_MARKER.unpack(
+                bytes(self.file.pread(last_grain * SECTOR, GRAIN_MARKER.size))
+            )
+            end = max(end, last_grain * SECTOR + GRAIN_MARKER.size + size)
+        return -(-end // SECTOR) * SECTOR
 
     def _load_gd(self, sector: int, entries: int, what: str) -> array:
         offset = sector * SECTOR
@@ -354,13 +388,57 @@ class SparseExtent(VmdkExtent):
 
     def write(self, offset: int, data: memoryview, backing: BackingReader) -> None:
         self._check_writable()
+        write_in_gt = self._append_compressed if self.compressed else self._write_in_gt
         with self.lock:
             end = offset + len(data)
             pos = offset
             while pos < end:
                 gt_end = min(end, (pos // self.gt_span + 1) * self.gt_span)
-                self._write_in_gt(pos, data[pos - offset : gt_end - offset], backing)
+                write_in_gt(pos, data[pos - offset : gt_end - offset], backing)
                 pos = gt_end
+
+    def _append_compressed(self, offset: int, data: memoryview, backing: BackingReader) -> None:
+        """streamOptimized: every touched grain is rebuilt whole, deflated and appended with
+        its marker; the GT then points at the new copy (an old copy is left unreferenced)."""
+        assert self.file is not None
+        gs = self.grain_size
+        gd_index = offset // self.gt_span
+        # A missing table is appended (blank) first, so the grains stay last before the EOS.
+        gt, table = self._gt_for_update(gd_index)
+        end = offset + len(data)
+        first_grain, last_grain = offset // gs, (end - 1) // gs
+        buf = bytearray()
+        placed: list[tuple[int, int, bytes]] = []  # (grain, sector, content)
+        for g in range(first_grain, last_grain + 1):
+            lo, hi = max(offset, g * gs), min(end, (g + 1) * gs)
+            if hi - lo == gs:
+                content = bytes(data[lo - offset : hi - offset])
+            else:
+                gte = self._gte(g)
+                state = self._classify(gte)
+                if state is State.COMPRESSED:
+                    cached = self.grain_cache.get(g)
+                    old = cached if cached is not None else self._inflate(g, gte)
+                elif state is State.UNALLOCATED:
+                    old = bytes(backing(g * gs, gs))
+                else:
+                    old = bytes(gs)
+                merged = bytearray(old)  # type: ignore[arg-type]
+                merged[lo - g * gs : hi - g * gs] = data[lo - offset : hi - offset]
+                content = bytes(merged)
+            packed = zlib.compress(content)
+            sector = (self.file_end + len(buf)) // SECTOR
+            buf += GRAIN_MARKER.pack(g * gs // SECTOR, len(packed)) + packed
+            buf += bytes(-len(buf) % SECTOR)
+            placed.append((g, sector, content))
+        buf += bytes(SECTOR)  # end-of-stream marker: all zeros
+        self.file.pwrite(self.file_end, buf)
+        self.file_end += len(buf) - SECTOR
+        base = gd_index * self.gtes_per_gt
+        for g, sector, content in placed:
+            gt[g - base] = sector
+            self.grain_cache.put(g, content)
+        self._write_gt_entries(gd_index, table, gt, first_grain - base, last_grain - base + 1)
 
     def zero(self, offset: int, length: int, backing: BackingReader) -> None:
         if not self.zeroed_grain:
@@ -525,8 +603,9 @@ def read_kdmv_header(file: HostFile, head: bytes) -> tuple:
 
 def _open_kdmv(file: HostFile, head: bytes, length: int, writable: bool) -> SparseExtent:
     fields = read_kdmv_header(file, head)
-    (_, version, flags, capacity, grain, _, _, gtes, rgd, gd, _, _, _, compress) = fields
-    if gd == GD_AT_END:
+    (_, version, flags, capacity, grain, _, _, gtes, rgd, gd, overhead, _, _, compress) = fields
+    gd_at_end = gd == GD_AT_END
+    if gd_at_end:
         # streamOptimized written front to back: the real header is the footer, 1024 bytes
         # before the end (footer marker, footer, end-of-stream marker).
         size = file.size()
@@ -538,7 +617,7 @@ def _open_kdmv(file: HostFile, head: bytes, length: int, writable: bool) -> Spar
         if marker_size != 0 or marker_type != MARKER_FOOTER or footer_magic != KDMV_MAGIC:
             raise CorruptImage(f"{file.path}: grain directory at end, but no footer found")
         fields = read_kdmv_header(file, tail[512:1024])
-        (_, version, flags, capacity, grain, _, _, gtes, rgd, gd, _, _, _, compress) = fields
+        (_, version, flags, capacity, grain, _, _, gtes, rgd, gd, overhead, _, _, compress) = fields
         if gd == GD_AT_END:
             raise CorruptImage(f"{file.path}: footer gives no grain directory offset")
     if not (1 <= grain <= MAX_GRAIN_SECTORS) or grain & (grain - 1):
@@ -560,7 +639,12 @@ def _open_kdmv(file: HostFile, head: bytes, length: int, writable: bool) -> Spar
             f"{file.path}: sparse extent capacity {capacity} sectors is smaller than the "
             f"descriptor's {length // SECTOR}"
         )
-    use_rgd = bool(flags & FLAG_REDUNDANT_GT) and rgd not in (0, GD_AT_END) and not compressed
+    footer = gd_at_end
+    use_rgd = bool(flags & FLAG_REDUNDANT_GT) and rgd not in (0, GD_AT_END)
+    if use_rgd and compressed:
+        # VMware's streams carry no usable redundant tables; use them only if they are sane.
+        gd_bytes = gd_entries * 4
+        use_rgd = rgd * SECTOR + gd_bytes <= file.size() and rgd != gd
     return SparseExtent(
         file,
         length,
@@ -575,6 +659,8 @@ def _open_kdmv(file: HostFile, head: bytes, length: int, writable: bool) -> Spar
         markers=bool(flags & FLAG_MARKERS),
         kind="streamOptimized" if compressed else "SPARSE",
         version=version,
+        overhead=overhead,
+        footer=footer,
     )
 
 
