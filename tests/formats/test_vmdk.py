@@ -675,3 +675,107 @@ def test_create_rejects_bad_options(tmp_path: Path, options: dict[str, str]) -> 
 
     with pytest.raises(ImgfsError):
         VmdkDriver.create(str(tmp_path / "bad.vmdk"), MiB, options)
+
+
+# -- robustness ---------------------------------------------------------------------------------
+
+
+def exercise(path: Path) -> None:
+    """Open, walk, read and check an image; only imgfs's own errors may come out."""
+    disk = open_disk(str(path), "vmdk", read_only=True)
+    try:
+        offset = 0
+        while offset < min(disk.size, 64 * MiB):
+            ext = disk.block_status(offset, disk.size - offset)
+            disk.read(offset, min(ext.length, MiB))
+            offset += ext.length
+        disk.info()
+        disk.check()
+    finally:
+        disk.close()
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "streamOptimized"])
+def test_mutated_metadata_gives_clean_errors(tmp_path: Path, subformat: str) -> None:
+    from imgfs.errors import ImgfsError
+
+    base = tmp_path / "base.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", str(base), "4M")
+    qemu_io(base, "write -P 1 0 1M", "write -P 2 3M 100k")
+    if subformat == "streamOptimized":
+        stream = tmp_path / "stream.vmdk"
+        qemu_img("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", str(base), str(stream))
+        base = stream
+    original = base.read_bytes()
+    rng = random.Random(subformat)
+    fuzzed = tmp_path / "fuzzed.vmdk"
+    for _ in range(150):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 6)):
+            pos = rng.randrange(0, min(len(data), 80000))
+            width = rng.choice([1, 4, 8])
+            data[pos : pos + width] = rng.choice(
+                [b"\xff" * width, bytes(width), rng.randbytes(width)]
+            )
+        fuzzed.write_bytes(data)
+        start = time.monotonic()
+        try:
+            exercise(fuzzed)
+        except ImgfsError:
+            pass
+        assert time.monotonic() - start < 5
+
+
+def test_grain_pointing_into_metadata_is_not_written(tmp_path: Path) -> None:
+    image = tmp_path / "m.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", str(image), "4M")
+    gd_sector = header_fields(image)[9]
+    with open(image, "r+b") as f:
+        f.seek(gd_sector * 512)
+        gt_sector = int.from_bytes(f.read(4), "little")
+        f.seek(gt_sector * 512)
+        f.write((0).to_bytes(4, "little") + (1).to_bytes(4, "little"))  # grain 1 at the header
+    header = image.read_bytes()[:512]
+    disk = open_disk(str(image), "vmdk")
+    try:
+        with pytest.raises(CorruptImage, match="outside the grain area"):
+            disk.write(65536, b"boom")
+    finally:
+        disk.close()
+    assert image.read_bytes()[:512] == header
+
+
+def test_concurrent_writes_from_threads(tmp_path: Path) -> None:
+    import threading
+
+    image = tmp_path / "t.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", str(image), "32M")
+    size = 32 * MiB
+    expected = bytearray(size)
+    jobs: list[tuple[int, bytes]] = []
+    rng = random.Random(12)
+    for i in range(8 * 40):
+        # Disjoint pieces that share grains and grain tables between threads.
+        offset = i * 100000 + rng.randrange(0, 1000)
+        jobs.append((offset, rng.randbytes(rng.randrange(1, 60000))))
+    for offset, data in jobs:
+        expected[offset : offset + len(data)] = data
+    disk = open_disk(str(image))
+    try:
+
+        def worker(k: int) -> None:
+            for offset, data in jobs[k::8]:
+                disk.write(offset, data)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        disk.flush()
+    finally:
+        disk.close()
+    exp = tmp_path / "e.raw"
+    exp.write_bytes(expected)
+    assert_qemu_check_clean(image, "vmdk")
+    assert_qemu_compare_identical(image, exp, "vmdk")

@@ -9,6 +9,7 @@ import bisect
 import os
 import secrets
 import struct
+import threading
 from collections.abc import Iterator
 from collections.abc import Mapping as MappingType
 from typing import Self
@@ -67,6 +68,7 @@ class VmdkDriver(BlockDriver):
         self.files: dict[str, HostFile] = {}
         self.notes: list[str] = []
         self.cid_updated = False
+        self.cid_lock = threading.Lock()
 
     # -- discovery ------------------------------------------------------------------------------
 
@@ -259,7 +261,9 @@ class VmdkDriver(BlockDriver):
         if self.read_only:
             raise ReadOnly(f"{self.file.path}: opened read-only")
         if not self.cid_updated:
-            self._update_cid()
+            with self.cid_lock:
+                if not self.cid_updated:
+                    self._update_cid()
 
     def _update_cid(self) -> None:
         """VMware gives the disk a new content ID at its first write after opening, so a child

@@ -235,6 +235,7 @@ class SparseExtent(VmdkExtent):
         )
         self.gt_cache = _LRU(GT_CACHE_BYTES // self.gt_bytes)
         self.grain_cache = _LRU(GRAIN_CACHE_BYTES // self.grain_size)
+        self.overhead = overhead  # sectors before the first grain (header and tables)
         self.read_only_reason: str | None = None
         if compressed and writable:
             if footer or not markers:
@@ -484,9 +485,10 @@ class SparseExtent(VmdkExtent):
             if self._classify(gte) is State.DATA:
                 lo, hi = max(offset, g * gs), min(end, (g + 1) * gs)
                 host = gte * SECTOR + lo - g * gs
-                if host + (hi - lo) > self.file_end:
+                if host + (hi - lo) > self.file_end or gte < self.overhead:
                     raise CorruptImage(
-                        f"{self.describe()}: grain {g} at sector {gte} lies past the end of file"
+                        f"{self.describe()}: grain {g} at sector {gte} lies outside the grain "
+                        f"area [{self.overhead}, {self.file_end // SECTOR})"
                     )
                 self.file.pwrite(host, data[lo - offset : hi - offset])
             else:
