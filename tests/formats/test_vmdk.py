@@ -838,3 +838,67 @@ def test_vmfs_sparse_cowd_matches_qemu(tmp_path: Path) -> None:
         assert disk.block_status(2 * grain * 512, 4096).allocation is Allocation.UNALLOCATED
     finally:
         disk.close()
+
+
+def test_flat_zeroes_and_discard_punch_holes(tmp_path: Path) -> None:
+    image = tmp_path / "f.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(image), "8M")
+    flat = tmp_path / "f-flat.vmdk"
+    disk = open_disk(str(image))
+    try:
+        disk.write(0, b"\x11" * 8 * MiB)
+        disk.write_zeroes(MiB, 2 * MiB, may_unmap=True)
+        disk.discard(5 * MiB, MiB)
+        disk.write_zeroes(7 * MiB + 3, 100, may_unmap=False)
+        assert disk.block_status(MiB, 2 * MiB).allocation is Allocation.ZERO
+    finally:
+        disk.close()
+    assert flat.stat().st_blocks * 512 <= 5 * MiB + 65536
+    expected = bytearray(b"\x11" * 8 * MiB)
+    expected[MiB : 3 * MiB] = bytes(2 * MiB)
+    expected[5 * MiB : 6 * MiB] = bytes(MiB)
+    expected[7 * MiB + 3 : 7 * MiB + 103] = bytes(100)
+    exp = tmp_path / "e.raw"
+    exp.write_bytes(expected)
+    assert_qemu_compare_identical(image, exp, "vmdk")
+
+
+def grain_tables(image: Path, gd_field: int) -> list[list[int]]:
+    """Every grain table reached from the GD (field 9) or the redundant GD (field 8)."""
+    import struct
+
+    fields = header_fields(image)
+    capacity, grain, gtes = fields[3], fields[4], fields[7]
+    entries = -(-capacity // (grain * gtes))
+    data = image.read_bytes()
+    gd = struct.unpack_from(f"<{entries}I", data, fields[gd_field] * 512)
+    return [list(struct.unpack_from(f"<{gtes}I", data, t * 512)) if t else [] for t in gd]
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "streamOptimized"])
+def test_redundant_tables_kept_in_step(tmp_path: Path, subformat: str) -> None:
+    image = tmp_path / "r.vmdk"
+    VmdkDriver.create(str(image), 100 * MiB, {"subformat": subformat})
+    expected = bytearray(100 * MiB)
+    # Blank out two GD entries (and their copies) so writes must allocate new tables too.
+    fields = header_fields(image)
+    with open(image, "r+b") as f:
+        for directory in (fields[8], fields[9]):
+            f.seek(directory * 512 + 4)
+            f.write(bytes(8))
+    disk = open_disk(str(image))
+    rng = random.Random(2)
+    try:
+        for _ in range(30):
+            offset, data = rng.randrange(0, 100 * MiB - 70000), rng.randbytes(70000)
+            disk.write(offset, data)
+            expected[offset : offset + len(data)] = data
+    finally:
+        disk.close()
+    primary, redundant = grain_tables(image, 9), grain_tables(image, 8)
+    assert primary == redundant
+    assert sum(1 for t in primary for e in t if e) > 10
+    assert_qemu_check_clean(image, "vmdk")
+    exp = tmp_path / "e.raw"
+    exp.write_bytes(expected)
+    assert_qemu_compare_identical(image, exp, "vmdk")

@@ -313,7 +313,10 @@ class VmdkDriver(BlockDriver):
         self._before_write()
         for extent, base, pos, n in self._each_extent(offset, length):
             extent.zero(
-                pos - base, n, lambda rel, size, base=base: self.read_backing(base + rel, size)
+                pos - base,
+                n,
+                lambda rel, size, base=base: self.read_backing(base + rel, size),
+                may_unmap,
             )
 
     def _stream_extents(self) -> list[SparseExtent]:
@@ -332,9 +335,10 @@ class VmdkDriver(BlockDriver):
         self.write(offset, data)
 
     def discard(self, offset: int, length: int) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
-        # Freeing grains would need a grain allocator with holes; VMDK has none. Keep the data.
+        self._before_write()
+        # Flat extents punch holes; sparse grains stay (VMDK has no free-grain bookkeeping).
+        for extent, base, pos, n in self._each_extent(offset, length):
+            extent.discard(pos - base, n)
 
     def flush(self) -> None:
         if self.read_only:

@@ -22,6 +22,8 @@ from imgfs.block.hostfile import HostFile
 from imgfs.errors import CorruptImage, ReadOnly, Unsupported
 
 SECTOR = 512
+ZERO_CHUNK = 1024 * 1024
+_ZEROS = bytes(ZERO_CHUNK)
 
 # -- on-disk structures -------------------------------------------------------------------------
 
@@ -114,9 +116,17 @@ class VmdkExtent:
     def write(self, offset: int, data: memoryview, backing: BackingReader) -> None:
         raise ReadOnly(f"{self.describe()}: this extent is read-only")
 
-    def zero(self, offset: int, length: int, backing: BackingReader) -> None:
-        """Make a range read as zeros (the default writes zero bytes)."""
-        self.write(offset, memoryview(bytes(length)), backing)
+    def zero(self, offset: int, length: int, backing: BackingReader, may_unmap: bool) -> None:
+        """Make a range read as zeros (the default writes zero bytes, a chunk at a time)."""
+        end = offset + length
+        while offset < end:
+            n = min(ZERO_CHUNK, end - offset)
+            self.write(offset, memoryview(_ZEROS)[:n], backing)
+            offset += n
+
+    def discard(self, offset: int, length: int) -> None:
+        """The guest no longer needs the range; the default keeps the data."""
+        return None
 
     def describe(self) -> str:
         return self.file.path if self.file is not None else "zero extent"
@@ -149,6 +159,23 @@ class FlatExtent(VmdkExtent):
 
     def map_for_read(self, offset: int, length: int) -> Mapping:
         return Mapping(State.DATA, self.base + offset, length)
+
+    def zero(self, offset: int, length: int, backing: BackingReader, may_unmap: bool) -> None:
+        if not self.writable:
+            raise ReadOnly(f"{self.describe()}: extent is read-only")
+        assert self.file is not None
+        start = self.base + offset
+        done = (may_unmap and self.file.punch_hole(start, length)) or self.file.zero_range(
+            start, length
+        )
+        if not done:
+            super().zero(offset, length, backing, may_unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        if not self.writable:
+            raise ReadOnly(f"{self.describe()}: extent is read-only")
+        assert self.file is not None
+        self.file.punch_hole(self.base + offset, length)  # unsupported: the data stays
 
     def write(self, offset: int, data: memoryview, backing: BackingReader) -> None:
         if not self.writable:
@@ -441,19 +468,19 @@ class SparseExtent(VmdkExtent):
             self.grain_cache.put(g, content)
         self._write_gt_entries(gd_index, table, gt, first_grain - base, last_grain - base + 1)
 
-    def zero(self, offset: int, length: int, backing: BackingReader) -> None:
+    def zero(self, offset: int, length: int, backing: BackingReader, may_unmap: bool) -> None:
         if not self.zeroed_grain:
-            super().zero(offset, length, backing)
+            super().zero(offset, length, backing, may_unmap)
             return
         self._check_writable()
         gs = self.grain_size
         first_full = -(-offset // gs) * gs
         last_full = (offset + length) // gs * gs
         if first_full >= last_full:
-            super().zero(offset, length, backing)
+            super().zero(offset, length, backing, may_unmap)
             return
         if offset < first_full:
-            super().zero(offset, first_full - offset, backing)
+            super().zero(offset, first_full - offset, backing, may_unmap)
         with self.lock:
             pos = first_full
             while pos < last_full:
@@ -467,7 +494,7 @@ class SparseExtent(VmdkExtent):
                 self._write_gt_entries(gd_index, table, gt, lo, hi)
                 pos = gt_end
         if last_full < offset + length:
-            super().zero(last_full, offset + length - last_full, backing)
+            super().zero(last_full, offset + length - last_full, backing, may_unmap)
 
     def _write_in_gt(self, offset: int, data: memoryview, backing: BackingReader) -> None:
         """Write a range that lies inside one grain table's span."""
@@ -540,7 +567,7 @@ class SparseExtent(VmdkExtent):
         self.file.pwrite(
             self.gd_offset * SECTOR + gd_index * 4, struct.pack("<I", new_table // SECTOR)
         )
-        gt = array("I", bytes(self.gtes_per_gt))
+        gt = array("I", bytes(self.gt_bytes))
         self.gt_cache.put(new_table // SECTOR, gt)
         return gt, new_table // SECTOR
 
