@@ -339,6 +339,23 @@ def test_hostile_descriptors(tmp_path: Path) -> None:
     with pytest.raises(CorruptImage, match="not found"):
         open_disk(str(bad), "vmdk", read_only=True)
     assert VmdkDriver.companion_files(str(bad)) == ["gone"]
+    (tmp_path / "data.bin").write_bytes(b"\x42" * 4096)
+    bad.write_text(
+        '# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\n'
+        'RW 0 FLAT "data.bin" 0\nRW 4 FLAT "data.bin" 2\nRW 0 ZERO\nRW 4 ZERO\n'
+    )
+    disk = open_disk(str(bad), "vmdk", read_only=True)
+    try:
+        assert disk.size == 4096
+        assert bytes(disk.read(0, 4096)) == b"\x42" * 2048 + bytes(2048)
+    finally:
+        disk.close()
+    bad.write_text(
+        '# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\n'
+        'RW 99999999999999999999 FLAT "data.bin" 0\n'
+    )
+    with pytest.raises(CorruptImage, match="beyond any vmdk"):
+        open_disk(str(bad), "vmdk", read_only=True)
 
 
 def test_sparse_extent_without_descriptor_is_refused(tmp_path: Path) -> None:
@@ -561,8 +578,12 @@ def test_writes_through_a_fuse_mount(images: Path, mount, tmp_path: Path) -> Non
     expected = blank_raw(tmp_path / "expected.raw", 3 * GiB)
     with open(expected, "r+b") as f:
         f.write(b"\x21" * MiB)
+    flat = images / "flat.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(flat), "2M")
+    qemu_io(flat, "write -P 0x3c 4096 8192")
     m = mount(images)
-    assert sorted(os.listdir(m.path)) == ["disk.vmdk.raw"]
+    assert sorted(os.listdir(m.path)) == ["disk.vmdk.raw", "flat.vmdk.raw"]
+    assert m.file("flat.vmdk").read_bytes() == qemu_raw(flat, tmp_path / "f.raw").read_bytes()
     rng = random.Random(9)
     fd = os.open(m.file("disk.vmdk"), os.O_RDWR)
     try:

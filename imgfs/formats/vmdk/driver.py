@@ -176,6 +176,8 @@ class VmdkDriver(BlockDriver):
             self.cheap_reads = False  # type: ignore[misc]
 
     def _add_extent(self, extent: VmdkExtent) -> None:
+        if extent.length == 0:
+            return  # holds no guest bytes; skipping it keeps every lookup moving forward
         self.starts.append(self.size)
         self.extents.append(extent)
         self.size += extent.length
