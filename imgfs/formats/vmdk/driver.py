@@ -156,6 +156,10 @@ class VmdkDriver(BlockDriver):
                 raise CorruptImage(f"{path}: descriptor lists no extents")
             for line in desc.extents:
                 self._add_extent(self._open_extent(line))
+            # Metadata caches are bounded per disk, not per extent.
+            for extent in self.extents:
+                if isinstance(extent, SparseExtent):
+                    extent.share_caches(len(self.extents))
         if self.size > MAX_VIRTUAL_SIZE:
             raise CorruptImage(f"{path}: disk size {self.size} bytes is beyond any vmdk")
         if not self.read_only:

@@ -307,13 +307,19 @@ class SparseExtent(VmdkExtent):
                 f"the end of the file ({self.file_end} bytes)"
             )
         table = array("I", bytes(self.file.pread(offset, size)))  # type: ignore[union-attr]
-        for i, gt_sector in enumerate(table):
-            if gt_sector and gt_sector * SECTOR + self.gt_bytes > self.file_end:
-                raise CorruptImage(
-                    f"{self.describe()}: {what} entry {i} points at sector {gt_sector}, "
-                    f"past the end of the file"
-                )
+        if table and max(table) * SECTOR + self.gt_bytes > self.file_end:  # max() is C-fast
+            for i, gt_sector in enumerate(table):
+                if gt_sector and gt_sector * SECTOR + self.gt_bytes > self.file_end:
+                    raise CorruptImage(
+                        f"{self.describe()}: {what} entry {i} points at sector {gt_sector}, "
+                        f"past the end of the file"
+                    )
         return table
+
+    def share_caches(self, ways: int) -> None:
+        """Shrink the caches to a 1/ways share, when the disk has ``ways`` extents."""
+        self.gt_cache.capacity = max(16, self.gt_cache.capacity // ways)
+        self.grain_cache.capacity = max(2, self.grain_cache.capacity // ways)
 
     # -- lookups --------------------------------------------------------------------------------
 
