@@ -923,3 +923,29 @@ def test_redundant_tables_kept_in_step(tmp_path: Path, subformat: str) -> None:
     exp = tmp_path / "e.raw"
     exp.write_bytes(expected)
     assert_qemu_compare_identical(image, exp, "vmdk")
+
+
+def test_check_counts_grains_past_the_end(tmp_path: Path) -> None:
+    image = tmp_path / "k.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", str(image), "64M")
+    qemu_io(image, "write -P 1 0 192k")
+    disk = open_disk(str(image), read_only=True)
+    try:
+        result = disk.check()
+        assert (result.corruptions, result.allocated_clusters) == (0, 3)
+    finally:
+        disk.close()
+    gd_sector = header_fields(image)[9]
+    with open(image, "r+b") as f:
+        f.seek(gd_sector * 512)
+        gt_sector = int.from_bytes(f.read(4), "little")
+        f.seek(gt_sector * 512 + 4)
+        f.write((1 << 30).to_bytes(4, "little"))
+    assert qemu_img("check", "-f", "vmdk", str(image), check=False).returncode == 2
+    disk = open_disk(str(image), read_only=True)
+    try:
+        result = disk.check()
+        assert result.corruptions == 1 and result.exit_status == 2
+        assert "grain 1" in result.messages[0]
+    finally:
+        disk.close()

@@ -350,15 +350,20 @@ class SparseExtent(VmdkExtent):
 
     def map(self, offset: int, length: int) -> Mapping:
         with self.lock:
-            return self._map(offset, length)
+            return self._map(offset, length, merge_compressed=True)
 
-    def _map(self, offset: int, length: int) -> Mapping:
+    def map_for_read(self, offset: int, length: int) -> Mapping:
+        # A compressed run is read one grain at a time.
+        with self.lock:
+            return self._map(offset, length, merge_compressed=False)
+
+    def _map(self, offset: int, length: int, merge_compressed: bool) -> Mapping:
         grain, within = divmod(offset, self.grain_size)
         first = self._gte(grain)
         state = self._classify(first)
         run = min(length, self.grain_size - within)
         host = first * SECTOR + within if state is State.DATA else None
-        if state is State.COMPRESSED:
+        if state is State.COMPRESSED and not merge_compressed:
             return Mapping(state, None, run)
         # Extend across following grains with the same state (and contiguous host data),
         # up to the end of this grain table.
