@@ -950,3 +950,54 @@ def test_check_counts_grains_past_the_end(tmp_path: Path) -> None:
         assert "grain 1" in result.messages[0]
     finally:
         disk.close()
+
+
+@pytest.mark.parametrize(
+    "subformat,old,new",
+    [
+        ("monolithicSparse", 10 * MiB + 512, 20 * MiB),  # within the grain directory
+        ("monolithicSparse", 10 * MiB, 200 * MiB + 4096),  # the directory grows
+        ("monolithicFlat", 10 * MiB, 30 * MiB),
+    ],
+)
+def test_resize_grows(tmp_path: Path, subformat: str, old: int, new: int) -> None:
+    image = tmp_path / "r.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", str(image), str(old))
+    qemu_io(image, f"write -P 0x13 0 {old}")
+    expected = bytearray(b"\x13" * old + bytes(new - old))
+    disk = open_disk(str(image))
+    try:
+        disk.resize(new)
+        assert disk.size == new
+        assert bytes(disk.read(old - 10, 20)) == b"\x13" * 10 + bytes(10)
+        for offset in (old + 3, new - 70000, new // 2 + 1):
+            disk.write(offset, b"\x77" * 65536)
+            expected[offset : offset + 65536] = b"\x77" * 65536
+    finally:
+        disk.close()
+    assert qemu_info(image)["virtual-size"] == new
+    exp = tmp_path / "e.raw"
+    exp.write_bytes(expected)
+    assert_qemu_check_clean(image, "vmdk")
+    assert_qemu_compare_identical(image, exp, "vmdk")
+    if subformat == "monolithicSparse":
+        assert grain_tables(image, 9) == grain_tables(image, 8)
+
+
+def test_resize_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    image = tmp_path / "t.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", str(image), "3G")
+    disk = open_disk(str(image))
+    try:
+        with pytest.raises(Unsupported):
+            disk.resize(4 * GiB)
+    finally:
+        disk.close()
+    mono = tmp_path / "m.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", str(mono), "8M")
+    disk = open_disk(str(mono))
+    try:
+        with pytest.raises(Unsupported, match="shrink"):
+            disk.resize(4 * MiB)
+    finally:
+        disk.close()

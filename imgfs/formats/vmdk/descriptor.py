@@ -57,6 +57,10 @@ class Descriptor:
     def parent_hint(self) -> str | None:
         return self.keys.get("parentFileNameHint") or None
 
+    def with_extent_sectors(self, index: int, sectors: int) -> str:
+        """The descriptor text with extent line ``index`` given a new size."""
+        return _replace_extent_sectors(self.text, index, sectors)
+
     def with_cid(self, cid: int) -> str:
         """The descriptor text with its CID line replaced (or added after version=)."""
         lines = self.text.split("\n")
@@ -71,6 +75,20 @@ class Descriptor:
                 lines.insert(i + 1, f"CID={cid:08x}")
                 return "\n".join(lines)
         raise CorruptImage("descriptor has no version line to put a CID after")
+
+
+def _replace_extent_sectors(text: str, index: int, sectors: int) -> str:
+    lines = text.split("\n")
+    seen = 0
+    for i, line in enumerate(lines):
+        m = _EXTENT_LINE.match(line.strip())
+        if m:
+            if seen == index:
+                access, _, rest = line.strip().split(None, 2)
+                lines[i] = f"{access} {sectors} {rest}"
+                return "\n".join(lines)
+            seen += 1
+    raise CorruptImage(f"descriptor has no extent line {index}")
 
 
 def _hex_or_none(value: str | None) -> int | None:

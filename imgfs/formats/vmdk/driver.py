@@ -27,7 +27,7 @@ from imgfs.block.driver import (
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
 from imgfs.formats.vmdk import create as vmdk_create
 from imgfs.formats.vmdk import descriptor as vmdk_descriptor
 from imgfs.formats.vmdk.extents import (
@@ -282,19 +282,26 @@ class VmdkDriver(BlockDriver):
         new = old
         while new == old or new == NO_PARENT_CID:
             new = secrets.randbits(32)
-        text = desc.with_cid(new).encode()
+        self._write_descriptor(desc.with_cid(new))
+        desc.keys["CID"] = f"{new:08x}"
+        self.cid_updated = True
+
+    def _write_descriptor(self, new_text: str) -> None:
+        """Replace the descriptor text, in its embedded area or as the whole image file."""
+        desc = self.descriptor
+        assert desc is not None
+        text = new_text.encode()
+        old_length = len(desc.text.encode())
         if self.embedded_descriptor is not None:
             offset, size = self.embedded_descriptor
             if len(text) > size:
                 raise Unsupported(f"{self.file.path}: the new descriptor does not fit its space")
-            self.file.pwrite(offset, text.ljust(min(size, len(desc.text.encode()) + 16), b"\0"))
+            self.file.pwrite(offset, text.ljust(min(size, max(len(text), old_length)), b"\0"))
         else:
             self.file.pwrite(0, text)
-            if len(text) < len(desc.text.encode()):
+            if len(text) < old_length:
                 self.file.truncate(len(text))
-        desc.text = text.decode()
-        desc.keys["CID"] = f"{new:08x}"
-        self.cid_updated = True
+        desc.text = new_text
 
     def _each_extent(self, offset: int, length: int) -> Iterator[tuple[VmdkExtent, int, int, int]]:
         pos, end = offset, offset + length
@@ -395,6 +402,53 @@ class VmdkDriver(BlockDriver):
                     )
         info.notes = notes
         return info
+
+    def resize(self, new_size: int) -> None:
+        """Grow a monolithicSparse or monolithicFlat disk (qemu-img cannot resize vmdk at all).
+        Sparse: the header's capacity grows; when the grain directory must grow, new
+        directories and tables are written at the end of the file before the one-sector
+        header update that switches to them."""
+        if self.read_only:
+            raise ReadOnly(f"{self.file.path}: opened read-only")
+        desc = self.descriptor
+        if desc is None or len(self.extents) != 1 or self.backing is not None:
+            raise Unsupported(f"{self.file.path}: only single-extent vmdk disks can be resized")
+        if new_size < self.size:
+            raise Unsupported(f"{self.file.path}: vmdk disks cannot shrink ({new_size} bytes)")
+        if new_size % SECTOR:
+            raise InvalidRequest(f"{self.file.path}: size {new_size} is not whole sectors")
+        if new_size > vmdk_create.MAX_CREATE_SIZE:
+            raise InvalidRequest(f"{self.file.path}: size {new_size} is too big")
+        extent = self.extents[0]
+        sectors = new_size // SECTOR
+        old_size = self.size
+        if isinstance(extent, SparseExtent) and extent.kind == "SPARSE" and extent.writable:
+            if self.embedded_descriptor is None:
+                raise Unsupported(f"{self.file.path}: only monolithicSparse grows in place")
+            self._before_write()
+            extent.grow(sectors)
+        elif isinstance(extent, FlatExtent) and extent.base == 0:
+            assert extent.file is not None
+            if extent.file.is_block_device:
+                raise Unsupported(f"{self.file.path}: the flat extent is a block device")
+            self._before_write()
+            old_file_size = extent.file.size()
+            extent.file.truncate(max(old_file_size, new_size))
+            extent.length = new_size
+            if old_file_size > old_size:  # bytes past the old end must not show through
+                stale = min(old_file_size, new_size) - old_size
+                extent.zero(old_size, stale, self.read_backing, may_unmap=True)
+            self._write_descriptor(desc.with_extent_sectors(0, sectors))
+        else:
+            raise Unsupported(f"{self.file.path}: cannot resize a {extent.kind} extent")
+        if self.embedded_descriptor is not None:
+            self._write_descriptor(desc.with_extent_sectors(0, sectors))
+        self.size = extent.length
+        if isinstance(extent, SparseExtent) and old_size % extent.grain_size:
+            # The old last grain may hold bytes past the old end; the new range reads zeros.
+            tail = min(new_size, -(-old_size // extent.grain_size) * extent.grain_size)
+            if tail > old_size and extent.map(old_size, 1).state is State.DATA:
+                self.write_zeroes(old_size, tail - old_size, may_unmap=False)
 
     def check(self, repair: RepairMode) -> CheckResult:
         result = CheckResult()

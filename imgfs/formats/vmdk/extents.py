@@ -552,6 +552,50 @@ class SparseExtent(VmdkExtent):
             gd_index, table, gt, base_in_gt + pending[0], base_in_gt + pending[-1] + 1
         )
 
+    def grow(self, sectors: int) -> None:
+        """Grow a hosted sparse extent (one with an embedded descriptor) to ``sectors``."""
+        assert self.file is not None
+        with self.lock:
+            head = bytes(self.file.pread(0, SECTOR))
+            fields = list(KDMV_HEADER.unpack(head))
+            span = self.gt_span // SECTOR
+            entries = -(-sectors // span)
+            if entries > MAX_GD_ENTRIES:
+                raise Unsupported(f"{self.describe()}: {sectors} sectors need too many tables")
+            old_entries = len(self.gd)
+            if entries > old_entries:
+                # New directories at the end, each followed by its new (blank) tables; the
+                # old directories stay where they are, unreferenced.
+                gt_sectors = -(-self.gt_bytes // SECTOR)
+                gd_sectors = -(-entries * 4 // SECTOR)
+                blank_tables = bytes((entries - old_entries) * gt_sectors * SECTOR)
+                copies = [("rgd", self.rgd)] if self.rgd is not None else []
+                copies.append(("gd", self.gd))
+                new_offsets: dict[str, int] = {}
+                new_tables: dict[str, array] = {}
+                for name, old in copies:
+                    start = self.file_end // SECTOR
+                    first_table = start + gd_sectors
+                    table = array("I", old)  # type: ignore[arg-type]
+                    table.extend(first_table + i * gt_sectors for i in range(entries - old_entries))
+                    body = table.tobytes().ljust(gd_sectors * SECTOR, b"\0") + blank_tables
+                    self.file.pwrite(start * SECTOR, body)
+                    self.file_end += len(body)
+                    new_offsets[name] = start
+                    new_tables[name] = table
+                self.file.sync()  # the tables are durable before the header points at them
+                fields[9] = new_offsets["gd"]
+                if "rgd" in new_offsets:
+                    fields[8] = new_offsets["rgd"]
+                self.gd = new_tables["gd"]
+                self.gd_offset = new_offsets["gd"]
+                if "rgd" in new_tables:
+                    self.rgd = new_tables["rgd"]
+                    self.rgd_offset = new_offsets["rgd"]
+            fields[3] = sectors
+            self.file.pwrite(0, KDMV_HEADER.pack(*fields))
+            self.length = sectors * SECTOR
+
     def _gt_for_update(self, gd_index: int) -> tuple[array, int]:
         """The grain table for ``gd_index``, allocating it (and its redundant copy) if absent.
         New tables are written zero-filled before the GD entries that point at them."""
