@@ -1001,3 +1001,33 @@ def test_resize_refuses_what_it_cannot_do(tmp_path: Path) -> None:
             disk.resize(4 * MiB)
     finally:
         disk.close()
+
+
+def test_split_child_copies_on_write_from_its_parent(tmp_path: Path) -> None:
+    parent = tmp_path / "base.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", str(parent), "3G")
+    near = 2 * GiB - 65536
+    qemu_io(parent, f"write -P 0x51 {near} 256k", "write -P 0x52 0 64k")
+    child = tmp_path / "child.vmdk"
+    VmdkDriver.create(
+        str(child), 3 * GiB, {"subformat": "twoGbMaxExtentSparse", "backing_file": "base.vmdk"}
+    )
+    expected = blank_raw(tmp_path / "e.raw", 3 * GiB)
+    with open(expected, "r+b") as f:
+        f.seek(near)
+        f.write(b"\x51" * 256 * 1024)
+        f.seek(0)
+        f.write(b"\x52" * 65536)
+    disk = open_disk(str(child))
+    try:
+        assert disk.info()[0].backing_filename == "base.vmdk"
+        for offset, length in ((near + 100, 10), (2 * GiB + 5, 7), (2 * GiB + 70000, 3), (9, 9)):
+            piece = bytes([offset % 200 + 1]) * length
+            disk.write(offset, piece)
+            with open(expected, "r+b") as f:
+                f.seek(offset)
+                f.write(piece)
+    finally:
+        disk.close()
+    assert_qemu_check_clean(child, "vmdk")
+    assert_qemu_compare_identical(child, expected, "vmdk")
