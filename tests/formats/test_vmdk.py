@@ -180,6 +180,27 @@ def test_convert_of_pattern_image(tmp_path: Path) -> None:
         disk.close()
 
 
+def test_info_matches_qemu(tmp_path: Path) -> None:
+    for subformat in ("twoGbMaxExtentSparse", "streamOptimized", "monolithicFlat"):
+        image = tmp_path / f"{subformat}.vmdk"
+        qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", str(image), "3G")
+        theirs = qemu_info(image)
+        disk = open_disk(str(image), read_only=True)
+        try:
+            ours = disk.info()[0].to_qemu_json()
+        finally:
+            disk.close()
+        for key in ("virtual-size", "format"):
+            assert ours[key] == theirs[key]
+        assert ours.get("cluster-size") == theirs.get("cluster-size")
+        data, their_data = ours["format-specific"]["data"], theirs["format-specific"]["data"]
+        for key in ("cid", "parent-cid", "create-type"):
+            assert data[key] == their_data[key]
+        assert [{k: e[k] for k in ("virtual-size", "format")} for e in data["extents"]] == [
+            {k: e[k] for k in ("virtual-size", "format")} for e in their_data["extents"]
+        ]
+
+
 def test_probe_and_companions_hide_extent_files(tmp_path: Path) -> None:
     image = tmp_path / "two.vmdk"
     qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse", str(image), "5G")

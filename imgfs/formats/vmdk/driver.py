@@ -390,6 +390,8 @@ class VmdkDriver(BlockDriver):
                 specific["parent-cid"] = desc.parent_cid
             specific["create-type"] = desc.create_type
         specific["extents"] = [e.info() for e in self.extents]
+        if self.embedded_descriptor is not None:
+            specific["extents"][0]["format"] = ""  # no extent line: qemu-img shows it empty
         info.format_specific = specific
         notes = list(self.notes)
         backing = self.backing

@@ -639,7 +639,8 @@ class SparseExtent(VmdkExtent):
     def info(self) -> dict[str, object]:
         out = super().info()
         out["cluster-size"] = self.grain_size
-        out["compressed"] = self.compressed
+        if self.compressed:
+            out["compressed"] = True
         return out
 
     def check(self, messages: list[str]) -> tuple[int, int]:
