@@ -710,6 +710,8 @@ def test_create_child_of_a_parent(tmp_path: Path) -> None:
         {"compat6": "on", "hwversion": "7"},
         {"cluster_size": "65536"},
         {"subformat": "monolithicFlat", "backing_file": "x.vmdk"},
+        {"backing_file": "missing.vmdk"},
+        {"hwversion": "seven"},
     ],
 )
 def test_create_rejects_bad_options(tmp_path: Path, options: dict[str, str]) -> None:
@@ -717,6 +719,16 @@ def test_create_rejects_bad_options(tmp_path: Path, options: dict[str, str]) -> 
 
     with pytest.raises(ImgfsError):
         VmdkDriver.create(str(tmp_path / "bad.vmdk"), MiB, options)
+
+
+def test_create_odd_and_empty_sizes(tmp_path: Path) -> None:
+    from imgfs.errors import InvalidRequest
+
+    image = tmp_path / "odd.vmdk"
+    VmdkDriver.create(str(image), 1000, {})
+    assert qemu_info(image)["virtual-size"] == 1024  # whole sectors, as qemu-img rounds
+    with pytest.raises(InvalidRequest, match="size 0"):
+        VmdkDriver.create(str(tmp_path / "empty.vmdk"), 0, {})
 
 
 # -- robustness ---------------------------------------------------------------------------------

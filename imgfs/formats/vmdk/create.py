@@ -159,8 +159,9 @@ def create(path: str, size: int, options: Mapping[str, str]) -> None:
     toolsversion = options.get("toolsversion", "2147483647")
     if not toolsversion.isdigit():
         raise InvalidRequest(f"vmdk toolsversion {toolsversion!r}: expected a number")
-    if size < 0 or size > MAX_CREATE_SIZE:
-        raise InvalidRequest(f"vmdk size {size}: must be 0 to {MAX_CREATE_SIZE}")
+    if size <= 0 or size > MAX_CREATE_SIZE:
+        # qemu-img cannot open an empty vmdk (it makes one, then refuses it), so neither do we.
+        raise InvalidRequest(f"vmdk size {size}: must be 1 to {MAX_CREATE_SIZE} bytes")
     backing_fmt = options.get("backing_fmt")
     if backing_fmt not in (None, "vmdk"):
         raise InvalidRequest(f"vmdk backing_fmt {backing_fmt!r}: a vmdk parent must be vmdk")
@@ -219,7 +220,6 @@ def create(path: str, size: int, options: Mapping[str, str]) -> None:
         pieces = [capacity]
     else:
         pieces = [min(SPLIT_SECTORS, capacity - s) for s in range(0, capacity, SPLIT_SECTORS)]
-        pieces = pieces or [0]
     lines = []
     for n, sectors_here in enumerate(pieces, 1):
         if subformat == "monolithicFlat":
