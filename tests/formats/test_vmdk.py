@@ -1064,3 +1064,18 @@ def test_split_child_copies_on_write_from_its_parent(tmp_path: Path) -> None:
         disk.close()
     assert_qemu_check_clean(child, "vmdk")
     assert_qemu_compare_identical(child, expected, "vmdk")
+
+
+def test_crlf_descriptor_keeps_its_line_endings(tmp_path: Path) -> None:
+    image = tmp_path / "w.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(image), "1M")
+    image.write_bytes(image.read_bytes().replace(b"\n", b"\r\n"))
+    disk = open_disk(str(image))
+    try:
+        disk.write(0, b"crlf")
+    finally:
+        disk.close()
+    text = image.read_bytes()
+    assert b"\n" not in text.replace(b"\r\n", b"")
+    assert qemu_info(image)["virtual-size"] == MiB
+    qemu_io(image, "read -P 0x63 0 1", "read -P 0x66 3 1")  # "c" ... "f"

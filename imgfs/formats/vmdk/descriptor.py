@@ -67,7 +67,7 @@ class Descriptor:
         for i, line in enumerate(lines):
             m = _KEY_LINE.match(line)
             if m and m.group(1) == "CID":
-                lines[i] = f"CID={cid:08x}"
+                lines[i] = f"CID={cid:08x}" + ("\r" if line.endswith("\r") else "")
                 return "\n".join(lines)
         for i, line in enumerate(lines):
             m = _KEY_LINE.match(line)
@@ -85,7 +85,7 @@ def _replace_extent_sectors(text: str, index: int, sectors: int) -> str:
         if m:
             if seen == index:
                 access, _, rest = line.strip().split(None, 2)
-                lines[i] = f"{access} {sectors} {rest}"
+                lines[i] = f"{access} {sectors} {rest}" + ("\r" if line.endswith("\r") else "")
                 return "\n".join(lines)
             seen += 1
     raise CorruptImage(f"descriptor has no extent line {index}")
