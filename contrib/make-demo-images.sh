@@ -96,7 +96,10 @@ convert_to() { qemu-img convert -f raw -O "$1" "${@:2:$#-2}" "$dir/disk.img" "${
 # make_image disk.qcow2     convert_to qcow2                 # add when the qcow2 driver lands
 # make_image disk-z.qcow2   convert_to qcow2 -c              # compressed clusters (qcow2)
 make_image disk.qcow      convert_to qcow
-# make_image disk.vmdk      convert_to vmdk                  # add when the vmdk driver lands
+make_image disk.vmdk      convert_to vmdk
+make_image disk-stream.vmdk convert_to vmdk -o subformat=streamOptimized
+# (not monolithicFlat or twoGbMaxExtent*: renaming the temporary file would break the extent
+# names their descriptors hold)
 # make_image disk.vhd       convert_to vpc -o force_size=on  # add when the vpc driver lands
 #                           # (without force_size qemu rounds the size up to a CHS geometry)
 # make_image disk.vhdx      convert_to vhdx                  # add when the vhdx driver lands
