@@ -224,7 +224,7 @@ def decode(cdb: bytes) -> ScsiCommand:
     need = _cdb_length(opcode)
     if need == 0 or (opcode not in _RW_OPS and opcode not in _OTHER_OPS and opcode != READ_6
                      and opcode != WRITE_6 and opcode != UNMAP):
-        raise CheckCondition(ILLEGAL_REQUEST, INVALID_OPCODE, 0, 7)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_OPCODE)
     if len(cdb) < need:
         raise BadRequest(f"CDB for opcode 0x{opcode:02x} needs {need} bytes, got {len(cdb)}")
     flags = cdb[1]
@@ -350,7 +350,7 @@ class ScsiDisk:
         if op == START_STOP_UNIT:
             self._start_stop(cmd.cdb)
             return b"", 0
-        raise CheckCondition(ILLEGAL_REQUEST, INVALID_OPCODE, 0, 7)
+        raise CheckCondition(ILLEGAL_REQUEST, INVALID_OPCODE)
 
     # -- media access ---------------------------------------------------------------------------
 
@@ -478,7 +478,7 @@ class ScsiDisk:
     def _unmap(self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None
                ) -> tuple[bytes, int]:
         if not self.target.can_discard:
-            raise CheckCondition(ILLEGAL_REQUEST, INVALID_OPCODE, 0, 7)
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_OPCODE)
         cdb = cmd.cdb
         if cdb[1] & 0x01:  # ANCHOR: this device has no anchored state
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, 1, 0)

@@ -97,7 +97,7 @@ class DiskTarget(Target):
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         try:
             return self.disk.read(offset, length)
-        except (ImgfsError, OSError) as e:
+        except Exception as e:  # a driver bug too: a medium error, not a crash
             raise TargetError(f"{self.name}: read at {offset}: {e}", _errno(e)) from None
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
@@ -105,13 +105,13 @@ class DiskTarget(Target):
             self.disk.write(offset, data)
             if (fua or self._writethrough) and not self._disk_writethrough:
                 self.disk.flush()
-        except (ImgfsError, OSError) as e:
+        except Exception as e:
             raise TargetError(f"{self.name}: write at {offset}: {e}", _errno(e)) from None
 
     def flush(self) -> None:
         try:
             self.disk.flush()
-        except (ImgfsError, OSError) as e:
+        except Exception as e:
             raise TargetError(f"{self.name}: flush: {e}", _errno(e)) from None
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
@@ -119,13 +119,13 @@ class DiskTarget(Target):
             self.disk.write_zeroes(offset, length, unmap)
             if self._writethrough and not self._disk_writethrough:
                 self.disk.flush()
-        except (ImgfsError, OSError) as e:
+        except Exception as e:
             raise TargetError(f"{self.name}: write zeroes at {offset}: {e}", _errno(e)) from None
 
     def close(self) -> None:
         try:
             self.disk.close()
-        except (ImgfsError, OSError) as e:
+        except Exception as e:
             raise TargetError(f"{self.name}: close: {e}", _errno(e)) from None
 
 
