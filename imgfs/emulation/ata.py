@@ -120,8 +120,24 @@ def decode(fis: bytes) -> AtaCommand:
     type, C bit clear) and AtaError(ABRT) for an unsupported command or a non-LBA address."""
     if len(fis) < FIS_LENGTH:
         raise BadRequest(f"a Register H2D FIS is {FIS_LENGTH} bytes, got {len(fis)}")
-    (ftype, flags, command, feat0, l0, l1, l2, device, l3, l4, l5, feat1, c0, c1, _icc,
-     _control) = _FIS.unpack_from(fis)
+    (
+        ftype,
+        flags,
+        command,
+        feat0,
+        l0,
+        l1,
+        l2,
+        device,
+        l3,
+        l4,
+        l5,
+        feat1,
+        c0,
+        c1,
+        _icc,
+        _control,
+    ) = _FIS.unpack_from(fis)
     if ftype != FIS_TYPE_REG_H2D:
         raise BadRequest(f"FIS type 0x{ftype:02x} is not a Register H2D FIS (0x27)")
     if not flags & 0x80:
@@ -171,24 +187,33 @@ class AtaDisk:
         self.serial = serial or _serial_for(target.name)
         self.look_ahead = True
 
-    def submit(self, fis: bytes, data_out: bytes | bytearray | memoryview | None = None,
-               data_in_length: int | None = None) -> Completion:
+    def submit(
+        self,
+        fis: bytes,
+        data_out: bytes | bytearray | memoryview | None = None,
+        data_in_length: int | None = None,
+    ) -> Completion:
         try:
             cmd = decode(fis)
         except AtaError as e:
             return _error(OTHER, e.error)
         return self.execute(cmd, data_out, data_in_length)
 
-    def execute(self, cmd: AtaCommand, data_out: bytes | bytearray | memoryview | None = None,
-                data_in_length: int | None = None) -> Completion:
+    def execute(
+        self,
+        cmd: AtaCommand,
+        data_out: bytes | bytearray | memoryview | None = None,
+        data_in_length: int | None = None,
+    ) -> Completion:
         try:
             data, nbytes = self._run(cmd, data_out)
         except AtaError as e:
             return _error(cmd.kind, e.error)
         return Completion(cmd.kind, True, {"ata_status": STATUS_OK, "ata_error": 0}, data, nbytes)
 
-    def _run(self, cmd: AtaCommand, data_out: bytes | bytearray | memoryview | None
-             ) -> tuple[bytes | bytearray | memoryview, int]:
+    def _run(
+        self, cmd: AtaCommand, data_out: bytes | bytearray | memoryview | None
+    ) -> tuple[bytes | bytearray | memoryview, int]:
         kind = cmd.kind
         bs = self.block_size
         if kind == READ or kind == VERIFY:
@@ -230,8 +255,9 @@ class AtaDisk:
         if cmd.lba + cmd.count > limit:
             raise AtaError(ERROR_IDNF)
 
-    def _dsm(self, cmd: AtaCommand, data_out: bytes | bytearray | memoryview | None
-             ) -> tuple[bytes, int]:
+    def _dsm(
+        self, cmd: AtaCommand, data_out: bytes | bytearray | memoryview | None
+    ) -> tuple[bytes, int]:
         if not cmd.features & 0x01 or not self.target.can_discard:
             raise AtaError(ERROR_ABRT)  # only TRIM, and only when advertised
         if cmd.count == 0 or cmd.count > MAX_DSM_BLOCKS:
@@ -349,16 +375,18 @@ def _error(kind: str, error: int) -> Completion:
     return Completion(kind, False, {"ata_status": STATUS_ERROR, "ata_error": error}, b"", 0)
 
 
-def _data_out(data_out: bytes | bytearray | memoryview | None, need: int
-              ) -> bytes | bytearray | memoryview:
+def _data_out(
+    data_out: bytes | bytearray | memoryview | None, need: int
+) -> bytes | bytearray | memoryview:
     have = 0 if data_out is None else len(data_out)
     if have != need:
         raise BadRequest(f"the command transfers {need} data-out bytes, the trace has {have}")
     return data_out if data_out is not None else b""
 
 
-def build_fis(command: int, lba: int = 0, count: int = 0, features: int = 0,
-              device: int = 0x40) -> bytes:
+def build_fis(
+    command: int, lba: int = 0, count: int = 0, features: int = 0, device: int = 0x40
+) -> bytes:
     """A Register H2D FIS for a command (used by the importers and tests). For FPDMA QUEUED
     the sector count goes in FEATURE and COUNT carries the tag (0 here)."""
     if command in (READ_FPDMA_QUEUED, WRITE_FPDMA_QUEUED):
@@ -371,9 +399,22 @@ def build_fis(command: int, lba: int = 0, count: int = 0, features: int = 0,
         dev = (device & 0xF0) | ((lba >> 24) & 0x0F)
         count &= 0xFF
     return _FIS.pack(
-        FIS_TYPE_REG_H2D, 0x80, command, features & 0xFF, lba_bytes[0], lba_bytes[1],
-        lba_bytes[2], dev, lba_bytes[3], lba_bytes[4], lba_bytes[5], (features >> 8) & 0xFF,
-        count & 0xFF, (count >> 8) & 0xFF, 0, 0,
+        FIS_TYPE_REG_H2D,
+        0x80,
+        command,
+        features & 0xFF,
+        lba_bytes[0],
+        lba_bytes[1],
+        lba_bytes[2],
+        dev,
+        lba_bytes[3],
+        lba_bytes[4],
+        lba_bytes[5],
+        (features >> 8) & 0xFF,
+        count & 0xFF,
+        (count >> 8) & 0xFF,
+        0,
+        0,
     )
 
 

@@ -31,10 +31,14 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "replay", help="replay a device trace (SCSI/ATA/virtio-blk) against an image"
     )
-    p.add_argument("trace", metavar="TRACE", help="trace file (JSON Lines, see imgfs-trace(5)); - for stdin")
+    p.add_argument(
+        "trace", metavar="TRACE", help="trace file (JSON Lines, see imgfs-trace(5)); - for stdin"
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--image", metavar="IMAGE", help="open this image through its driver")
-    where.add_argument("--file", metavar="EXPORTED_FILE", help="use an exported raw file (or any raw file)")
+    where.add_argument(
+        "--file", metavar="EXPORTED_FILE", help="use an exported raw file (or any raw file)"
+    )
     p.add_argument("-f", "--format", help="image format for --image (default: probe)")
     p.add_argument(
         "--cache",
@@ -42,14 +46,30 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         default="writeback",
         help="host cache mode, as QEMU's -drive cache= (default: writeback)",
     )
-    p.add_argument("--timing", choices=["asap", "recorded"], default="asap",
-                   help="issue requests as fast as possible, or at their recorded times")
-    p.add_argument("--queue-depth", type=_positive, default=1, metavar="N",
-                   help="requests in flight at once (default: 1)")
-    p.add_argument("--verify", action="store_true",
-                   help="check every read against what the trace wrote before it")
-    p.add_argument("--verify-initial", choices=["unknown", "zero"], default="unknown",
-                   help="what --verify assumes blocks hold before the trace writes them")
+    p.add_argument(
+        "--timing",
+        choices=["asap", "recorded"],
+        default="asap",
+        help="issue requests as fast as possible, or at their recorded times",
+    )
+    p.add_argument(
+        "--queue-depth",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="requests in flight at once (default: 1)",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every read against what the trace wrote before it",
+    )
+    p.add_argument(
+        "--verify-initial",
+        choices=["unknown", "zero"],
+        default="unknown",
+        help="what --verify assumes blocks hold before the trace writes them",
+    )
     p.add_argument("--results", metavar="OUT.jsonl", help="write one result record per request")
     p.add_argument("--read-only", action="store_true", help="open the image read-only")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
@@ -61,9 +81,12 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--from", dest="source", choices=["qemu", "blkparse", "fio"], required=True)
     q.add_argument("input", metavar="IN")
     q.add_argument("output", metavar="OUT", help="trace to write; - for stdout")
-    q.add_argument("--bus", choices=["scsi", "ata", "virtio"],
-                   help="bus to encode blkparse/fio requests for (default: virtio); for qemu, "
-                        "the bus is found in the log")
+    q.add_argument(
+        "--bus",
+        choices=["scsi", "ata", "virtio"],
+        help="bus to encode blkparse/fio requests for (default: virtio); for qemu, "
+        "the bus is found in the log",
+    )
     q.add_argument("--disk", help="disk name to put in the trace")
     q.set_defaults(func=cmd_trace_import)
 

@@ -82,14 +82,38 @@ class Builder:
         self.seq = 0
         self.counts: Counter[str] = Counter()
 
-    def _emit(self, cmd: bytes, t: float | None, data: Any = None, sg: list[int] | None = None,
-              expect: dict[str, Any] | None = None, note: str | None = None) -> None:
-        self.lines.append(request_line(self.bus, cmd, seq=self.seq, t=t, data=data, sg=sg,
-                                       disk=self.disk, expect=expect, note=note))
+    def _emit(
+        self,
+        cmd: bytes,
+        t: float | None,
+        data: Any = None,
+        sg: list[int] | None = None,
+        expect: dict[str, Any] | None = None,
+        note: str | None = None,
+    ) -> None:
+        self.lines.append(
+            request_line(
+                self.bus,
+                cmd,
+                seq=self.seq,
+                t=t,
+                data=data,
+                sg=sg,
+                disk=self.disk,
+                expect=expect,
+                note=note,
+            )
+        )
         self.seq += 1
 
-    def read(self, t: float | None, offset: int, length: int,
-             expect: dict[str, Any] | None = None, ncq: bool = False) -> None:
+    def read(
+        self,
+        t: float | None,
+        offset: int,
+        length: int,
+        expect: dict[str, Any] | None = None,
+        ncq: bool = False,
+    ) -> None:
         self.counts["read"] += 1
         lba, n = offset // SECTOR, length // SECTOR
         if self.bus == "virtio":
@@ -99,8 +123,15 @@ class Builder:
         else:
             self._emit(ata_rw(False, lba, n, ncq), t, sg=[length], expect=expect)
 
-    def write(self, t: float | None, offset: int, length: int, fua: bool = False,
-              expect: dict[str, Any] | None = None, ncq: bool = False) -> None:
+    def write(
+        self,
+        t: float | None,
+        offset: int,
+        length: int,
+        fua: bool = False,
+        expect: dict[str, Any] | None = None,
+        ncq: bool = False,
+    ) -> None:
         self.counts["write"] += 1
         lba, n = offset // SECTOR, length // SECTOR
         data = {"pattern": "prng", "seed": self.seq}
@@ -121,15 +152,21 @@ class Builder:
         else:
             self._emit(ata.build_fis(ata.FLUSH_CACHE_EXT), t, expect=expect)
 
-    def discard(self, t: float | None, ranges: list[tuple[int, int]],
-                expect: dict[str, Any] | None = None, note: str | None = None) -> None:
+    def discard(
+        self,
+        t: float | None,
+        ranges: list[tuple[int, int]],
+        expect: dict[str, Any] | None = None,
+        note: str | None = None,
+    ) -> None:
         """``ranges`` in bytes; empty when the source does not carry them."""
         self.counts["discard"] += 1
         sectors = [(off // SECTOR, length // SECTOR) for off, length in ranges]
         if self.bus == "virtio":
             segs = virtio.build_segments([(s, n, 0) for s, n in sectors] or [(0, 0, 0)])
-            self._emit(virtio.build_header(virtio.T_DISCARD), t, data=segs, expect=expect,
-                       note=note)
+            self._emit(
+                virtio.build_header(virtio.T_DISCARD), t, data=segs, expect=expect, note=note
+            )
         elif self.bus == "scsi":
             cdb, params = scsi_unmap(sectors)
             self._emit(cdb, t, data=params, expect=expect, note=note)
@@ -137,8 +174,14 @@ class Builder:
             fis, payload = ata_trim(sectors)
             self._emit(fis, t, data=payload, expect=expect, note=note)
 
-    def write_zeroes(self, t: float | None, offset: int, length: int, unmap: bool,
-                     expect: dict[str, Any] | None = None) -> None:
+    def write_zeroes(
+        self,
+        t: float | None,
+        offset: int,
+        length: int,
+        unmap: bool,
+        expect: dict[str, Any] | None = None,
+    ) -> None:
         self.counts["write_zeroes"] += 1
         lba, n = offset // SECTOR, length // SECTOR
         if self.bus == "virtio":
@@ -150,11 +193,19 @@ class Builder:
             # ATA has no write-zeroes: zeros written as an ordinary write
             self.counts["write_zeroes"] -= 1
             self.counts["write"] += 1
-            self._emit(ata_rw(True, lba, n), t, data={"pattern": "zero"}, sg=[length],
-                       expect=expect)
+            self._emit(
+                ata_rw(True, lba, n), t, data={"pattern": "zero"}, sg=[length], expect=expect
+            )
 
-    def raw(self, cmd: bytes, t: float | None, data: Any = None, sg: list[int] | None = None,
-            expect: dict[str, Any] | None = None, note: str | None = None) -> None:
+    def raw(
+        self,
+        cmd: bytes,
+        t: float | None,
+        data: Any = None,
+        sg: list[int] | None = None,
+        expect: dict[str, Any] | None = None,
+        note: str | None = None,
+    ) -> None:
         self.counts["other"] += 1
         self._emit(cmd, t, data=data, sg=sg, expect=expect, note=note)
 
@@ -267,8 +318,10 @@ def _qemu_virtio(text: str, disk: str | None) -> tuple[list[str], list[str]]:
         else:
             skipped["unknown"] += 1
     if skipped["discard"]:
-        notes.append(f"{skipped['discard']} discards have no range in a QEMU 7.2 trace; they are "
-                     "kept as discards of 0 sectors")
+        notes.append(
+            f"{skipped['discard']} discards have no range in a QEMU 7.2 trace; they are "
+            "kept as discards of 0 sectors"
+        )
     if skipped["unknown"]:
         notes.append(f"{skipped['unknown']} requests of an unknown shape were left out")
     notes.append(_count_note(b))
@@ -313,10 +366,19 @@ def _scsi_other_cdb(opcode: int, length: int, direction: int) -> tuple[bytes, An
 
 
 _SCSI_MEDIA = {
-    scsi.READ_6, scsi.READ_10, scsi.READ_12, scsi.READ_16,
-    scsi.WRITE_6, scsi.WRITE_10, scsi.WRITE_12, scsi.WRITE_16,
-    scsi.SYNCHRONIZE_CACHE_10, scsi.SYNCHRONIZE_CACHE_16, scsi.UNMAP,
-    scsi.WRITE_SAME_10, scsi.WRITE_SAME_16,
+    scsi.READ_6,
+    scsi.READ_10,
+    scsi.READ_12,
+    scsi.READ_16,
+    scsi.WRITE_6,
+    scsi.WRITE_10,
+    scsi.WRITE_12,
+    scsi.WRITE_16,
+    scsi.SYNCHRONIZE_CACHE_10,
+    scsi.SYNCHRONIZE_CACHE_16,
+    scsi.UNMAP,
+    scsi.WRITE_SAME_10,
+    scsi.WRITE_SAME_16,
 }
 _SCSI_READS = {scsi.READ_6, scsi.READ_10, scsi.READ_12, scsi.READ_16}
 _SCSI_WRITES = {scsi.WRITE_6, scsi.WRITE_10, scsi.WRITE_12, scsi.WRITE_16}
@@ -374,7 +436,9 @@ def _qemu_scsi(text: str, disk: str | None) -> tuple[list[str], list[str]]:
             if rng is None:
                 rng = (p.offset, 0)
             if rng[1] == 0:
-                notes.append(f"a WRITE SAME at byte {p.offset} has no length in the trace; left out")
+                notes.append(
+                    f"a WRITE SAME at byte {p.offset} has no length in the trace; left out"
+                )
                 continue
             b.write_zeroes(p.t, rng[0], rng[1], p.unmap, expect)
         else:
@@ -382,8 +446,10 @@ def _qemu_scsi(text: str, disk: str | None) -> tuple[list[str], list[str]]:
             sg = [p.length] if p.extra["dir"] == 1 else None
             b.raw(cdb, p.t, data=data, sg=sg, note=note)
     if no_range:
-        notes.append(f"{no_range} UNMAPs have no ranges in a QEMU 7.2 trace; they are kept with "
-                     "no block descriptors")
+        notes.append(
+            f"{no_range} UNMAPs have no ranges in a QEMU 7.2 trace; they are kept with "
+            "no block descriptors"
+        )
     notes.append(_count_note(b))
     return b.result("qemu scsi"), notes
 
@@ -430,8 +496,15 @@ def _qemu_ata(text: str, disk: str | None) -> tuple[list[str], list[str]]:
             m = _NCQ.search(rest)
             if m:
                 first, last = int(m.group(2)), int(m.group(3))
-                p = _Pending(_rel(t, t0), extra={"cmd": int(m.group(1), 16), "ncq": True,
-                                                 "n": last - first + 1, "state": "ncq"})
+                p = _Pending(
+                    _rel(t, t0),
+                    extra={
+                        "cmd": int(m.group(1), 16),
+                        "ncq": True,
+                        "n": last - first + 1,
+                        "state": "ncq",
+                    },
+                )
                 p.offset = first * SECTOR
                 order.append(p)
     b = Builder("ata", disk)
@@ -461,8 +534,11 @@ def _qemu_ata(text: str, disk: str | None) -> tuple[list[str], list[str]]:
         elif cmd == ata.IDENTIFY_DEVICE:
             b.raw(ata.build_fis(cmd), p.t, sg=[512])
         elif cmd == ata.SET_FEATURES:
-            b.raw(ata.build_fis(cmd, features=ata.SF_SET_TRANSFER_MODE), p.t,
-                  note="subcommand not in the qemu trace: SET TRANSFER MODE")
+            b.raw(
+                ata.build_fis(cmd, features=ata.SF_SET_TRANSFER_MODE),
+                p.t,
+                note="subcommand not in the qemu trace: SET TRANSFER MODE",
+            )
         elif kind in ("read", "write"):
             notes.append(f"an ATA command 0x{cmd:02x} without a transfer in the trace; left out")
         else:
@@ -482,8 +558,9 @@ _BLKPARSE = re.compile(
 _SECTORS = re.compile(r"^(\d+) \+ (\d+)")
 
 
-def from_blkparse(text: str, bus: str = "virtio", disk: str | None = None
-                  ) -> tuple[list[str], list[str]]:
+def from_blkparse(
+    text: str, bus: str = "virtio", disk: str | None = None
+) -> tuple[list[str], list[str]]:
     """blkparse's default text output. Requests are taken at their D (issued to the driver)
     events, or at Q (queued) when the output has no D events. RWBS: a leading F is a
     pre-flush, then R/W/D/N, a later F is FUA."""
@@ -527,7 +604,9 @@ def from_blkparse(text: str, bus: str = "virtio", disk: str | None = None
 # -- fio iolog -------------------------------------------------------------------------------
 
 
-def from_fio(text: str, bus: str = "virtio", disk: str | None = None) -> tuple[list[str], list[str]]:
+def from_fio(
+    text: str, bus: str = "virtio", disk: str | None = None
+) -> tuple[list[str], list[str]]:
     """fio iolog version 2 or 3 (``--write_iolog``). Version 3 timestamps are microseconds
     since the start of the job (as fio 3.33 writes them). Offsets and lengths must be
     multiples of 512."""

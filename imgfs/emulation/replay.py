@@ -18,10 +18,21 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from imgfs.emulation import ata, scsi, virtio
-from imgfs.emulation.common import DISCARD, READ, WRITE, WRITE_ZEROES, BadRequest, Completion
+from imgfs.emulation.common import (
+    DISCARD,
+    READ,
+    VERIFY,
+    WRITE,
+    WRITE_ZEROES,
+    BadRequest,
+    Completion,
+)
 from imgfs.emulation.target import Target
 from imgfs.emulation.trace import TraceRequest, parse_header, parse_request
 from imgfs.emulation.verify import VerifyTarget
+
+# SCSI commands that change how later requests behave: run them alone.
+_SCSI_BARRIERS = {scsi.MODE_SELECT_6, scsi.MODE_SELECT_10, scsi.START_STOP_UNIT}
 
 Device = scsi.ScsiDisk | ata.AtaDisk | virtio.VirtioBlk
 
@@ -133,6 +144,10 @@ class Replayer:
         self._start = 0.0
         self._t0: float | None = None
         self._last_progress = 0.0
+        # Ordering at queue depth > 1: requests whose blocks overlap run in trace order.
+        self._order = threading.Condition()
+        self._spans: dict[int, tuple[int, int]] = {}
+        self._ticket = 0
 
     def device(self, bus: str) -> Device:
         dev = self._devices.get(bus)
@@ -163,21 +178,65 @@ class Replayer:
             sys.stderr.flush()
         return self.summary
 
-    def _next(self, items: Iterator[TraceRequest | TraceLineError | int]
-              ) -> TraceRequest | TraceLineError | None:
+    def _next(
+        self, items: Iterator[TraceRequest | TraceLineError | int]
+    ) -> tuple[TraceRequest | TraceLineError | None, int, tuple[int, int] | None]:
         with self._lock:
             for item in items:
                 if isinstance(item, int):  # header: block size
                     if self._devices:
-                        return TraceLineError(0, "a trace header after the first request")
+                        return TraceLineError(0, "a trace header after the first request"), 0, None
                     self.block_size = item
                     continue
-                return item
+                if self.queue_depth == 1 or isinstance(item, TraceLineError):
+                    return item, 0, None
+                span = self._span(item)
+                self._ticket += 1
+                if span is not None:
+                    with self._order:
+                        self._spans[self._ticket] = span
+                return item, self._ticket, span
+            return None, 0, None
+
+    def _span(self, req: TraceRequest) -> tuple[int, int] | None:
+        """The byte range a request may touch (whole disk when it cannot be told from the
+        command alone, as for UNMAP/TRIM/discard lists), or None for no data access."""
+        everything = (0, 1 << 63)
+        try:
+            if req.bus == "virtio":
+                v = virtio.decode(req.cmd)
+                if v.type == virtio.T_IN:
+                    return v.sector * 512, v.sector * 512 + (req.data_in_length or 0)
+                if v.type == virtio.T_OUT:
+                    return v.sector * 512, v.sector * 512 + len(req.data or b"")
+                return everything if v.type in (virtio.T_DISCARD, virtio.T_WRITE_ZEROES) else None
+            bs = self.block_size
+            if req.bus == "scsi":
+                c = scsi.decode(req.cmd)
+                if c.kind in (READ, WRITE, VERIFY, WRITE_ZEROES):
+                    return c.lba * bs, (c.lba + c.count) * bs
+                return everything if c.kind == DISCARD or c.opcode in _SCSI_BARRIERS else None
+            a = ata.decode(req.cmd)
+            if a.kind in (READ, WRITE, VERIFY):
+                return a.lba * bs, (a.lba + a.count) * bs
+            return everything if a.kind == DISCARD or a.command == ata.SET_FEATURES else None
+        except Exception:  # the device reports it when the request runs
             return None
+
+    def _wait_turn(self, ticket: int, span: tuple[int, int]) -> None:
+        lo, hi = span
+        with self._order:
+            while any(t < ticket and a < hi and lo < b for t, (a, b) in self._spans.items()):
+                self._order.wait()
+
+    def _done_turn(self, ticket: int) -> None:
+        with self._order:
+            self._spans.pop(ticket, None)
+            self._order.notify_all()
 
     def _worker(self, items: Iterator[TraceRequest | TraceLineError | int]) -> None:
         while True:
-            item = self._next(items)
+            item, ticket, span = self._next(items)
             if item is None:
                 return
             if isinstance(item, TraceLineError):
@@ -185,7 +244,14 @@ class Replayer:
                 continue
             if self.timing == "recorded" and item.t is not None:
                 self._wait_until(item.t)
-            self._execute(item)
+            if span is None:
+                self._execute(item)
+                continue
+            self._wait_turn(ticket, span)
+            try:
+                self._execute(item)
+            finally:
+                self._done_turn(ticket)
 
     def _wait_until(self, t: float) -> None:
         with self._lock:
@@ -212,8 +278,13 @@ class Replayer:
             record["verify"] = mismatches
         self._record(record, done, latency, req.expect)
 
-    def _record(self, record: dict[str, Any], done: Completion | None, latency: float,
-                expect: dict[str, Any] | None) -> None:
+    def _record(
+        self,
+        record: dict[str, Any],
+        done: Completion | None,
+        latency: float,
+        expect: dict[str, Any] | None,
+    ) -> None:
         s = self.summary
         if done is not None:
             record["kind"] = done.kind

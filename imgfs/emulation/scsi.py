@@ -222,8 +222,13 @@ def decode(cdb: bytes) -> ScsiCommand:
         raise BadRequest("empty CDB")
     opcode = cdb[0]
     need = _cdb_length(opcode)
-    if need == 0 or (opcode not in _RW_OPS and opcode not in _OTHER_OPS and opcode != READ_6
-                     and opcode != WRITE_6 and opcode != UNMAP):
+    if need == 0 or (
+        opcode not in _RW_OPS
+        and opcode not in _OTHER_OPS
+        and opcode != READ_6
+        and opcode != WRITE_6
+        and opcode != UNMAP
+    ):
         raise CheckCondition(ILLEGAL_REQUEST, INVALID_OPCODE)
     if len(cdb) < need:
         raise BadRequest(f"CDB for opcode 0x{opcode:02x} needs {need} bytes, got {len(cdb)}")
@@ -274,8 +279,12 @@ class ScsiDisk:
 
     # -- entry points ---------------------------------------------------------------------------
 
-    def submit(self, cdb: bytes, data_out: bytes | bytearray | memoryview | None = None,
-               data_in_length: int | None = None) -> Completion:
+    def submit(
+        self,
+        cdb: bytes,
+        data_out: bytes | bytearray | memoryview | None = None,
+        data_in_length: int | None = None,
+    ) -> Completion:
         """Decode and execute one command."""
         try:
             cmd = decode(cdb)
@@ -283,8 +292,12 @@ class ScsiDisk:
             return self._check(OTHER, e)
         return self.execute(cmd, data_out, data_in_length)
 
-    def execute(self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None = None,
-                data_in_length: int | None = None) -> Completion:
+    def execute(
+        self,
+        cmd: ScsiCommand,
+        data_out: bytes | bytearray | memoryview | None = None,
+        data_in_length: int | None = None,
+    ) -> Completion:
         try:
             data, nbytes = self._run(cmd, data_out)
         except CheckCondition as e:
@@ -307,8 +320,9 @@ class ScsiDisk:
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    def _run(self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None
-             ) -> tuple[bytes | bytearray | memoryview, int]:
+    def _run(
+        self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None
+    ) -> tuple[bytes | bytearray | memoryview, int]:
         op = cmd.opcode
         if self.stopped and op not in (INQUIRY, REQUEST_SENSE, REPORT_LUNS, START_STOP_UNIT):
             raise CheckCondition(NOT_READY, NOT_READY_INIT_REQUIRED)
@@ -374,8 +388,9 @@ class ScsiDisk:
             raise CheckCondition(MEDIUM_ERROR, UNRECOVERED_READ_ERROR) from None
         return data, len(data)
 
-    def _data_out(self, data_out: bytes | bytearray | memoryview | None, need: int
-                  ) -> bytes | bytearray | memoryview:
+    def _data_out(
+        self, data_out: bytes | bytearray | memoryview | None, need: int
+    ) -> bytes | bytearray | memoryview:
         have = 0 if data_out is None else len(data_out)
         if have != need:
             raise BadRequest(f"the command transfers {need} data-out bytes, the trace has {have}")
@@ -386,8 +401,9 @@ class ScsiDisk:
         if self.target.read_only:
             raise CheckCondition(DATA_PROTECT, WRITE_PROTECTED)
 
-    def _write(self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None
-               ) -> tuple[bytes, int]:
+    def _write(
+        self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None
+    ) -> tuple[bytes, int]:
         self._check_transfer(cmd)
         bs = self.block_size
         data = self._data_out(data_out, cmd.count * bs)
@@ -411,8 +427,9 @@ class ScsiDisk:
         if got != expected:
             raise CheckCondition(MISCOMPARE, MISCOMPARE_DURING_VERIFY)
 
-    def _verify(self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None
-                ) -> tuple[bytes, int]:
+    def _verify(
+        self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None
+    ) -> tuple[bytes, int]:
         bytchk = (cmd.flags >> 1) & 0x03
         if bytchk == 0x02:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, 1, 2)
@@ -439,8 +456,9 @@ class ScsiDisk:
         except TargetError:
             raise CheckCondition(MEDIUM_ERROR, WRITE_ERROR) from None
 
-    def _write_same(self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None
-                    ) -> tuple[bytes, int]:
+    def _write_same(
+        self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None
+    ) -> tuple[bytes, int]:
         flags = cmd.flags
         unmap = bool(flags & 0x08)
         ndob = cmd.opcode == WRITE_SAME_16 and bool(flags & 0x01)
@@ -475,8 +493,9 @@ class ScsiDisk:
             raise CheckCondition(MEDIUM_ERROR, WRITE_ERROR) from None
         return b"", length
 
-    def _unmap(self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None
-               ) -> tuple[bytes, int]:
+    def _unmap(
+        self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None
+    ) -> tuple[bytes, int]:
         if not self.target.can_discard:
             raise CheckCondition(ILLEGAL_REQUEST, INVALID_OPCODE)
         cdb = cmd.cdb
@@ -697,7 +716,15 @@ class ScsiDisk:
             desc = struct.pack(">II", min(self.blocks, 0xFFFFFFFF), self.block_size & 0xFFFFFF)
         body = desc + pages
         if ten:
-            header = struct.pack(">HBBBBH", len(body) + 6, 0, device_specific, 1 if llbaa and desc else 0, 0, len(desc))
+            header = struct.pack(
+                ">HBBBBH",
+                len(body) + 6,
+                0,
+                device_specific,
+                1 if llbaa and desc else 0,
+                0,
+                len(desc),
+            )
         else:
             header = bytes((len(body) + 3, 0, device_specific, len(desc)))
         return (header + body)[:alloc]
@@ -717,13 +744,16 @@ class ScsiDisk:
         pos = hlen
         if bdlen:
             if bdlen not in (8, 16) or pos + bdlen > plen:
-                raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMETER_LIST,
-                                     6 if ten else 3, None, False)
+                raise CheckCondition(
+                    ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMETER_LIST, 6 if ten else 3, None, False
+                )
             block_len = _U32.unpack_from(params, pos + bdlen - 4)[0] & (
-                0xFFFFFFFF if bdlen == 16 else 0xFFFFFF)
+                0xFFFFFFFF if bdlen == 16 else 0xFFFFFF
+            )
             if block_len != self.block_size:
-                raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMETER_LIST,
-                                     pos + bdlen - 3, None, False)
+                raise CheckCondition(
+                    ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMETER_LIST, pos + bdlen - 3, None, False
+                )
             pos += bdlen
         new_wce = None
         while pos < plen:
@@ -732,18 +762,21 @@ class ScsiDisk:
             code = params[pos] & 0x3F
             length = params[pos + 1]
             if params[pos] & 0x40 or code not in (0x08, 0x0A):  # subpage format / unknown page
-                raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMETER_LIST,
-                                     pos, 5, False)
+                raise CheckCondition(
+                    ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMETER_LIST, pos, 5, False
+                )
             current = self._caching_page(0) if code == 0x08 else self._control_page(0)
             if length != len(current) - 2 or pos + 2 + length > plen:
-                raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMETER_LIST,
-                                     pos + 1, None, False)
+                raise CheckCondition(
+                    ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMETER_LIST, pos + 1, None, False
+                )
             page = params[pos : pos + 2 + length]
             changeable = self._caching_page(1) if code == 0x08 else bytes(len(current))
             for i in range(2, len(page)):
                 if (page[i] ^ current[i]) & ~changeable[i] & 0xFF:
-                    raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMETER_LIST,
-                                         pos + i, None, False)
+                    raise CheckCondition(
+                        ILLEGAL_REQUEST, INVALID_FIELD_IN_PARAMETER_LIST, pos + i, None, False
+                    )
             if code == 0x08:
                 new_wce = bool(page[2] & 0x04)
             pos += 2 + length

@@ -74,7 +74,8 @@ class DiskTarget(Target):
         self._writethrough = self._disk_writethrough
         top = type(disk.top)
         self.can_discard = not self.read_only and (
-            top.discard is not BlockDriver.discard or top.write_zeroes is not BlockDriver.write_zeroes
+            top.discard is not BlockDriver.discard
+            or top.write_zeroes is not BlockDriver.write_zeroes
         )
 
     @property
@@ -88,7 +89,9 @@ class DiskTarget(Target):
         self._writethrough = value or self._disk_writethrough
 
     @classmethod
-    def open(cls, path: str, fmt: str | None, cache: CacheMode, read_only: bool = False) -> DiskTarget:
+    def open(
+        cls, path: str, fmt: str | None, cache: CacheMode, read_only: bool = False
+    ) -> DiskTarget:
         try:
             return cls(open_disk(path, fmt, cache=cache, read_only=read_only))
         except ImgfsError as e:
@@ -134,10 +137,14 @@ class FileTarget(Target):
     file driver would: O_DIRECT for cache=none/directsync, fdatasync per write for
     writethrough/directsync, never for unsafe."""
 
-    def __init__(self, path: str, cache: CacheMode = CacheMode.WRITEBACK, read_only: bool = False) -> None:
+    def __init__(
+        self, path: str, cache: CacheMode = CacheMode.WRITEBACK, read_only: bool = False
+    ) -> None:
         writable = not read_only and os.access(path, os.W_OK)
         try:
-            self.file = HostFile(path, writable=writable, direct=cache.direct, no_flush=cache.no_flush)
+            self.file = HostFile(
+                path, writable=writable, direct=cache.direct, no_flush=cache.no_flush
+            )
         except ImgfsError as e:
             raise TargetError(str(e), e.errno) from None
         self.name = os.path.basename(path)

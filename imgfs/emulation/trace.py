@@ -103,8 +103,17 @@ def parse_request(obj: Any, line: int, default_seq: int) -> TraceRequest:
     disk = obj.get("disk")
     # Data-in length: the sg list of a request without data-out.
     data_in_length = sg_total if data is None else None
-    return TraceRequest(line, seq, t, bus, cmd, data, data_in_length, expect,
-                        disk if isinstance(disk, str) else None)
+    return TraceRequest(
+        line,
+        seq,
+        t,
+        bus,
+        cmd,
+        data,
+        data_in_length,
+        expect,
+        disk if isinstance(disk, str) else None,
+    )
 
 
 def _data(spec: Any, sg_total: int | None) -> bytes | None:
@@ -127,13 +136,13 @@ def _data(spec: Any, sg_total: int | None) -> bytes | None:
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise BadRequest(f"pattern seed {seed!r}: must be an integer")
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
-            raise BadRequest("a data pattern needs a length (\"length\" or the sg list)")
+            raise BadRequest('a data pattern needs a length ("length" or the sg list)')
         if length > MAX_REQUEST_BYTES:
             raise BadRequest(f"data length {length} is over the {MAX_REQUEST_BYTES}-byte limit")
         if sg_total is not None and sg_total != length:
             raise BadRequest(f"data length {length} but the sg list adds up to {sg_total}")
         return pattern_bytes(str(name), seed, length)
-    raise BadRequest(f"data {_quote(spec)}: must be hex or {{\"pattern\": ..., \"seed\": ...}}")
+    raise BadRequest(f'data {_quote(spec)}: must be hex or {{"pattern": ..., "seed": ...}}')
 
 
 def _quote(value: Any) -> str:

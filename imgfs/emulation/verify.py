@@ -145,7 +145,9 @@ class VerifyTarget(Target):
             if expected is not None:
                 self.blocks_checked += 1
                 if _digest(piece) != expected:
-                    self._mismatch(f"block {block} (byte {block * BLOCK}) differs from its last write")
+                    self._mismatch(
+                        f"block {block} (byte {block * BLOCK}) differs from its last write"
+                    )
             elif block in zeros:
                 self.blocks_checked += 1
                 if piece != _ZERO_BLOCK:

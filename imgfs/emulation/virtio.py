@@ -101,7 +101,13 @@ class VirtioBlk:
     @property
     def features(self) -> int:
         bits = (
-            F_SIZE_MAX, F_SEG_MAX, F_BLK_SIZE, F_FLUSH, F_TOPOLOGY, F_CONFIG_WCE, F_WRITE_ZEROES
+            F_SIZE_MAX,
+            F_SEG_MAX,
+            F_BLK_SIZE,
+            F_FLUSH,
+            F_TOPOLOGY,
+            F_CONFIG_WCE,
+            F_WRITE_ZEROES,
         )
         value = sum(1 << b for b in bits)
         if self.target.can_discard:
@@ -118,7 +124,9 @@ class VirtioBlk:
             self.capacity,
             SIZE_MAX,
             SEG_MAX,
-            0, 0, 0,  # geometry (not offered)
+            0,
+            0,
+            0,  # geometry (not offered)
             self.block_size,
             per_physical.bit_length() - 1,  # physical_block_exp
             0,  # alignment_offset
@@ -133,7 +141,9 @@ class VirtioBlk:
             MAX_WRITE_ZEROES_SECTORS,
             MAX_WRITE_ZEROES_SEG,
             1 if discard else 0,  # write_zeroes_may_unmap
-            0, 0, 0,  # secure erase (not offered)
+            0,
+            0,
+            0,  # secure erase (not offered)
         )
 
     def set_writeback(self, writeback: bool) -> None:
@@ -142,12 +152,20 @@ class VirtioBlk:
             self.target.flush()
         self.target.writethrough = not writeback
 
-    def submit(self, header: bytes, data_out: bytes | bytearray | memoryview | None = None,
-               data_in_length: int | None = None) -> Completion:
+    def submit(
+        self,
+        header: bytes,
+        data_out: bytes | bytearray | memoryview | None = None,
+        data_in_length: int | None = None,
+    ) -> Completion:
         return self.execute(decode(header), data_out, data_in_length)
 
-    def execute(self, req: VirtioRequest, data_out: bytes | bytearray | memoryview | None = None,
-                data_in_length: int | None = None) -> Completion:
+    def execute(
+        self,
+        req: VirtioRequest,
+        data_out: bytes | bytearray | memoryview | None = None,
+        data_in_length: int | None = None,
+    ) -> Completion:
         kind = req.kind
         rtype = req.type
         target = self.target
@@ -188,8 +206,9 @@ class VirtioBlk:
             return _status(kind, S_IOERR)
         return Completion(kind, True, {"virtio_status": S_OK}, data, nbytes)
 
-    def _ranges(self, req: VirtioRequest, data_out: bytes | bytearray | memoryview | None
-                ) -> Completion:
+    def _ranges(
+        self, req: VirtioRequest, data_out: bytes | bytearray | memoryview | None
+    ) -> Completion:
         kind = req.kind
         discard = req.type == T_DISCARD
         if discard and not self.target.can_discard:

@@ -16,6 +16,11 @@ def raw_file(path: Path, size: int = 64 * MiB) -> Path:
     return path
 
 
-def file_target(tmp_path: Path, size: int = 64 * MiB, name: str = "disk.raw",
-                cache: CacheMode = CacheMode.WRITEBACK, read_only: bool = False) -> FileTarget:
+def file_target(
+    tmp_path: Path,
+    size: int = 64 * MiB,
+    name: str = "disk.raw",
+    cache: CacheMode = CacheMode.WRITEBACK,
+    read_only: bool = False,
+) -> FileTarget:
     return FileTarget(str(raw_file(tmp_path / name, size)), cache, read_only=read_only)

@@ -25,8 +25,14 @@ def dev(tmp_path: Path) -> AtaDisk:
     return AtaDisk(file_target(tmp_path, SIZE), serial="SN-1234567")
 
 
-def fis(command: int, lba: int = 0, count: int = 0, features: int = 0, device: int = 0x40,
-        ext: bool = True) -> bytes:
+def fis(
+    command: int,
+    lba: int = 0,
+    count: int = 0,
+    features: int = 0,
+    device: int = 0x40,
+    ext: bool = True,
+) -> bytes:
     """Register H2D FIS built by hand from SATA 3.x figure 'Register - Host to Device FIS'."""
     b = bytearray(20)
     b[0] = 0x27
@@ -187,8 +193,9 @@ def test_read_verify(dev: AtaDisk) -> None:
 
 def trim_payload(ranges: list[tuple[int, int]], blocks: int = 1) -> bytes:
     # ACS-4 7.5.3.2: LBA range entry = LBA (47:0) | RANGE LENGTH (63:48)
-    return b"".join(struct.pack("<Q", lba | (n << 48)) for lba, n in ranges).ljust(512 * blocks,
-                                                                                  b"\0")
+    return b"".join(struct.pack("<Q", lba | (n << 48)) for lba, n in ranges).ljust(
+        512 * blocks, b"\0"
+    )
 
 
 def test_trim(dev: AtaDisk) -> None:

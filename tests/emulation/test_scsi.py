@@ -214,8 +214,13 @@ def test_lba_out_of_range(dev: ScsiDisk) -> None:
 
 def test_transfer_length_over_maximum_points_at_length_field(dev: ScsiDisk) -> None:
     check(dev.submit(cdb16(0x88, 0, 65537)), 0x05, 0x24, 0x00, b"\xc0\x00\x0a")
-    check(dev.submit(struct.pack(">BBIIBB", 0xA8, 0, 0, 65537, 0, 0)), 0x05, 0x24, 0x00,
-          b"\xc0\x00\x06")
+    check(
+        dev.submit(struct.pack(">BBIIBB", 0xA8, 0, 0, 65537, 0, 0)),
+        0x05,
+        0x24,
+        0x00,
+        b"\xc0\x00\x06",
+    )
 
 
 def test_rdprotect_is_invalid_without_protection_information(dev: ScsiDisk) -> None:
@@ -363,14 +368,24 @@ def test_mode_select_unchangeable_bit_points_into_parameter_list(dev: ScsiDisk) 
     params = bytearray(caching_select(True))
     params[4 + 2] |= 0x01  # RCD is not changeable
     # C/D=0, field pointer 6 (byte 2 of the page after the 4-byte header)
-    check(dev.submit(bytes([0x15, 0x10, 0, 0, len(params), 0]), bytes(params)),
-          0x05, 0x26, 0x00, b"\x80\x00\x06")
+    check(
+        dev.submit(bytes([0x15, 0x10, 0, 0, len(params), 0]), bytes(params)),
+        0x05,
+        0x26,
+        0x00,
+        b"\x80\x00\x06",
+    )
 
 
 def test_mode_select_save_pages_is_invalid(dev: ScsiDisk) -> None:
     params = caching_select(True)
-    check(dev.submit(bytes([0x15, 0x11, 0, 0, len(params), 0]), params),
-          0x05, 0x24, 0x00, b"\xc8\x00\x01")
+    check(
+        dev.submit(bytes([0x15, 0x11, 0, 0, len(params), 0]), params),
+        0x05,
+        0x24,
+        0x00,
+        b"\xc8\x00\x01",
+    )
 
 
 def test_mode_select_10(dev: ScsiDisk) -> None:
@@ -383,8 +398,13 @@ def test_mode_select_10(dev: ScsiDisk) -> None:
 def test_report_luns(dev: ScsiDisk) -> None:
     data = dev.submit(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0])).data
     assert data == struct.pack(">I", 8) + bytes(4) + bytes(8)
-    check(dev.submit(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0])), 0x05, 0x24, 0x00,
-          b"\xc0\x00\x06")
+    check(
+        dev.submit(bytes([0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0])),
+        0x05,
+        0x24,
+        0x00,
+        b"\xc0\x00\x06",
+    )
 
 
 def test_start_stop_unit(dev: ScsiDisk) -> None:
@@ -445,8 +465,14 @@ ok = dev.submit(struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0), bytes(512))
 bad = dev.submit(struct.pack(">BBIBHB", 0x2A, 0, 4096, 0, 1, 0), bytes(512))
 print(ok.status["status"], bad.status["sense"])
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=subprocess_env(), cwd=REPO, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=REPO,
+        check=True,
+    ).stdout.split()
     assert out[0] == "0"
     assert bytes.fromhex(out[1]) == sense_bytes(0x03, 0x0C, 0x00)
 
@@ -462,7 +488,12 @@ def test_4k_logical_blocks(tmp_path: Path) -> None:
 
 def test_decode_fields() -> None:
     cmd = decode(cdb16(0x8A, 0x123456789A, 77, flags=0x08))
-    assert (cmd.opcode, cmd.kind, cmd.lba, cmd.count, cmd.flags) == (0x8A, "write", 0x123456789A,
-                                                                     77, 0x08)
+    assert (cmd.opcode, cmd.kind, cmd.lba, cmd.count, cmd.flags) == (
+        0x8A,
+        "write",
+        0x123456789A,
+        77,
+        0x08,
+    )
     assert decode(bytes([0x08, 0x1F, 0xFF, 0xFF, 0, 0])).lba == 0x1FFFFF
     assert scsi.decode(bytes([0x35]) + bytes(9)).kind == "flush"
