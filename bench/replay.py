@@ -26,11 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imgfs.block.hostfile import CacheMode  # noqa: E402
-from imgfs.emulation import ata, scsi, virtio  # noqa: E402
-from imgfs.emulation.replay import Replayer  # noqa: E402
-from imgfs.emulation.target import FileTarget  # noqa: E402
-from imgfs.emulation.trace import request_line  # noqa: E402
+from imgfs.block.hostfile import CacheMode
+from imgfs.emulation import ata, scsi, virtio
+from imgfs.emulation.replay import Replayer
+from imgfs.emulation.target import FileTarget
+from imgfs.emulation.trace import request_line
 
 
 def bench_decode(n: int) -> None:
