@@ -88,6 +88,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "the bus is found in the log",
     )
     q.add_argument("--disk", help="disk name to put in the trace")
+    q.add_argument(
+        "--strace",
+        metavar="FILE",
+        help="qemu only: strace log of the same run (fallocate calls) for the discard ranges",
+    )
     q.set_defaults(func=cmd_trace_import)
 
 
@@ -141,7 +146,13 @@ def cmd_trace_import(args: argparse.Namespace) -> int:
     with open(args.input, encoding="utf-8", errors="replace") as f:
         text = f.read()
     if args.source == "qemu":
-        lines, notes = importers.from_qemu(text, disk=args.disk)
+        strace = None
+        if args.strace:
+            if not os.path.isfile(args.strace):
+                raise UsageError(f"{args.strace}: no such file")
+            with open(args.strace, encoding="utf-8", errors="replace") as f:
+                strace = f.read()
+        lines, notes = importers.from_qemu(text, disk=args.disk, strace=strace)
     elif args.source == "blkparse":
         lines, notes = importers.from_blkparse(text, bus=args.bus or "virtio", disk=args.disk)
     else:

@@ -232,22 +232,67 @@ class _Pending:
     unmap: bool = False
     status: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    submitted: float | None = None  # host time, for joining with an strace log
+    completed: float | None = None
 
 
-def from_qemu(text: str, disk: str | None = None) -> tuple[list[str], list[str]]:
+def from_qemu(
+    text: str, disk: str | None = None, strace: str | None = None
+) -> tuple[list[str], list[str]]:
     """A QEMU ``-trace`` log (the ``log`` backend, as ../shared/vmkit records it) for virtio-blk,
-    virtio-scsi/lsi + scsi-hd, IDE or AHCI. The bus is recognised from the events."""
+    virtio-scsi/lsi + scsi-hd, IDE or AHCI. The bus is recognised from the events.
+
+    ``strace``: an strace log of the same qemu run (``strace -ttt -e trace=fallocate``, as
+    ``boot.sh --strace`` records it). QEMU does not trace discard ranges; the
+    ``fallocate(PUNCH_HOLE)`` calls qemu made while a discard was in flight give them."""
+    punches = _strace_punches(strace) if strace is not None else None
     events = set(re.findall(r"^(?:\d+@[\d.]+:)?(\w+) ", text, re.M))
     if events & {"virtio_blk_handle_read", "virtio_blk_handle_write", "virtio_blk_req_complete"}:
-        return _qemu_virtio(text, disk)
+        return _qemu_virtio(text, disk, punches)
     if "scsi_req_parsed" in events:
-        return _qemu_scsi(text, disk)
+        return _qemu_scsi(text, disk, punches)
     if events & {"ide_exec_cmd", "process_ncq_command"}:
-        return _qemu_ata(text, disk)
+        return _qemu_ata(text, disk, punches)
     raise_unknown = "no virtio-blk, SCSI, IDE or AHCI request events in this log"
     from imgfs.errors import UsageError
 
     raise UsageError(raise_unknown)
+
+
+_PUNCH = re.compile(
+    r"^(?:\d+\s+)?(?P<t>\d+\.\d+) fallocate\([^,]*, (?P<mode>[A-Z_|]+), (?P<off>\d+), "
+    r"(?P<len>\d+)\) = 0"
+)
+JOIN_SLACK = 0.002  # seconds: strace and the trace log take their times at different points
+
+
+def _strace_punches(text: str) -> list[tuple[float, int, int]]:
+    found = []
+    for line in text.splitlines():
+        m = _PUNCH.match(line.strip())
+        if m and "PUNCH_HOLE" in m.group("mode"):
+            found.append((float(m.group("t")), int(m.group("off")), int(m.group("len"))))
+    return found
+
+
+def _join_discards(
+    discards: list[_Pending], punches: list[tuple[float, int, int]] | None
+) -> list[list[tuple[int, int]]] | None:
+    """For each discard, the byte ranges qemu punched while it was in flight (a punch in the
+    windows of two discards goes to the later one)."""
+    if punches is None:
+        return None
+    ranges: list[list[tuple[int, int]]] = [[] for _ in discards]
+    for t, off, length in punches:
+        best = None
+        for i, p in enumerate(discards):
+            start = (p.submitted or 0.0) - JOIN_SLACK
+            end = (p.completed if p.completed is not None else float("inf")) + JOIN_SLACK
+            if start <= t <= end:
+                best = i
+        if best is not None:
+            ranges[best].append((off, length))
+    return ranges
 
 
 def _iter_qemu(text: str):  # noqa: ANN202
@@ -266,7 +311,9 @@ def _rel(t: float | None, t0: list[float]) -> float | None:
     return t - t0[0]
 
 
-def _qemu_virtio(text: str, disk: str | None) -> tuple[list[str], list[str]]:
+def _qemu_virtio(
+    text: str, disk: str | None, punches: list[tuple[float, int, int]] | None = None
+) -> tuple[list[str], list[str]]:
     order: list[_Pending] = []
     by_id: dict[int, _Pending] = {}
     t0: list[float] = []
@@ -274,7 +321,11 @@ def _qemu_virtio(text: str, disk: str | None) -> tuple[list[str], list[str]]:
     for t, event, rest in _iter_qemu(text):
         f = _fields(rest)
         if event == "virtqueue_pop":
-            p = _Pending(_rel(t, t0), extra={"in": f.get("in_num", 0), "out": f.get("out_num", 0)})
+            p = _Pending(
+                _rel(t, t0),
+                extra={"in": f.get("in_num", 0), "out": f.get("out_num", 0)},
+                submitted=t,
+            )
             by_id[f["elem"]] = p
             order.append(p)
             last_unclassified = p
@@ -293,15 +344,19 @@ def _qemu_virtio(text: str, disk: str | None) -> tuple[list[str], list[str]]:
             p = by_id.pop(f["req"], None)
             if p is not None:
                 p.status = f["status"]
+                p.completed = t
+    for p in order:
+        if not p.kind:
+            shape = (p.extra["out"], p.extra["in"])
+            p.kind = {(1, 1): "flush", (1, 2): "get_id", (2, 1): "discard"}.get(shape, "")
+    discards = [p for p in order if p.kind == "discard"]
+    joined = dict(zip(map(id, discards), _join_discards(discards, punches) or [], strict=False))
     b = Builder("virtio", disk)
     notes: list[str] = []
     skipped = Counter()
     for p in order:
         expect = {"virtio_status": p.status} if p.status is not None else None
         kind = p.kind
-        if not kind:
-            shape = (p.extra["out"], p.extra["in"])
-            kind = {(1, 1): "flush", (1, 2): "get_id", (2, 1): "discard"}.get(shape, "")
         if kind == "read":
             b.read(p.t, p.offset, p.length, expect)
         elif kind == "write":
@@ -311,8 +366,12 @@ def _qemu_virtio(text: str, disk: str | None) -> tuple[list[str], list[str]]:
         elif kind == "write_zeroes":
             b.write_zeroes(p.t, p.offset, p.length, p.unmap, expect)
         elif kind == "discard":
-            b.discard(p.t, [], expect, note="range not in the qemu trace")
-            skipped["discard"] += 1
+            ranges = joined.get(id(p))
+            if ranges:
+                b.discard(p.t, ranges, expect, note="ranges from the strace log")
+            else:
+                b.discard(p.t, [], expect, note="range not in the qemu trace")
+                skipped["discard"] += 1
         elif kind == "get_id":
             b.raw(virtio.build_header(virtio.T_GET_ID), p.t, sg=[virtio.ID_BYTES], expect=expect)
         else:
@@ -384,7 +443,9 @@ _SCSI_READS = {scsi.READ_6, scsi.READ_10, scsi.READ_12, scsi.READ_16}
 _SCSI_WRITES = {scsi.WRITE_6, scsi.WRITE_10, scsi.WRITE_12, scsi.WRITE_16}
 
 
-def _qemu_scsi(text: str, disk: str | None) -> tuple[list[str], list[str]]:
+def _qemu_scsi(
+    text: str, disk: str | None, punches: list[tuple[float, int, int]] | None = None
+) -> tuple[list[str], list[str]]:
     order: list[_Pending] = []
     by_tag: dict[int, _Pending] = {}
     t0: list[float] = []
@@ -392,7 +453,7 @@ def _qemu_scsi(text: str, disk: str | None) -> tuple[list[str], list[str]]:
     for t, event, rest in _iter_qemu(text):
         f = _fields(rest)
         if event == "scsi_req_parsed":
-            p = _Pending(_rel(t, t0), extra={"op": f["command"], "dir": f["dir"]})
+            p = _Pending(_rel(t, t0), extra={"op": f["command"], "dir": f["dir"]}, submitted=t)
             p.length = f["length"]
             tag = f["tag"] & 0xFFFFFFFF
             by_tag[tag] = p
@@ -414,6 +475,13 @@ def _qemu_scsi(text: str, disk: str | None) -> tuple[list[str], list[str]]:
                 p = by_tag.pop(int(m.group(1), 16) & 0xFFFFFFFF, None)
                 if p is not None:
                     p.status = int(m.group(2), 16)
+                    p.completed = t
+        elif event == "scsi_req_dequeue":
+            p = by_tag.get(f["tag"] & 0xFFFFFFFF)
+            if p is not None and p.completed is None:
+                p.completed = t
+    discards = [p for p in order if p.extra["op"] == scsi.UNMAP]
+    joined = dict(zip(map(id, discards), _join_discards(discards, punches) or [], strict=False))
     b = Builder("scsi", disk)
     notes: list[str] = []
     no_range = 0
@@ -429,8 +497,12 @@ def _qemu_scsi(text: str, disk: str | None) -> tuple[list[str], list[str]]:
         elif op in (scsi.SYNCHRONIZE_CACHE_10, scsi.SYNCHRONIZE_CACHE_16):
             b.flush(p.t, expect)
         elif op == scsi.UNMAP:
-            b.discard(p.t, [], expect, note="ranges not in the qemu trace")
-            no_range += 1
+            ranges = joined.get(id(p))
+            if ranges:
+                b.discard(p.t, ranges, expect, note="ranges from the strace log")
+            else:
+                b.discard(p.t, [], expect, note="ranges not in the qemu trace")
+                no_range += 1
         elif op in (scsi.WRITE_SAME_10, scsi.WRITE_SAME_16):
             rng = p.extra.get("range")
             if rng is None:
@@ -459,7 +531,9 @@ _IDE_CMD = re.compile(r"state (0x[0-9a-fA-F]+); cmd (0x[0-9a-fA-F]+)")
 _DMA_CB = re.compile(r"IDEState (0x[0-9a-fA-F]+) sector_num=?\s*(\d+) n=?\s*(\d+)")
 
 
-def _qemu_ata(text: str, disk: str | None) -> tuple[list[str], list[str]]:
+def _qemu_ata(
+    text: str, disk: str | None, punches: list[tuple[float, int, int]] | None = None
+) -> tuple[list[str], list[str]]:
     order: list[_Pending] = []
     current: dict[str, _Pending] = {}  # IDEState -> its last command
     drives: set[str] = set()
@@ -468,7 +542,13 @@ def _qemu_ata(text: str, disk: str | None) -> tuple[list[str], list[str]]:
         if event == "ide_exec_cmd":
             m = _IDE_CMD.search(rest)
             if m:
-                p = _Pending(_rel(t, t0), extra={"cmd": int(m.group(2), 16), "state": m.group(1)})
+                p = _Pending(
+                    _rel(t, t0),
+                    extra={"cmd": int(m.group(2), 16), "state": m.group(1)},
+                    submitted=t,
+                )
+                if order and order[-1].completed is None:
+                    order[-1].completed = t  # one non-NCQ command at a time per channel
                 current[m.group(1)] = p
                 order.append(p)
         elif event == "ide_dma_cb":
@@ -507,6 +587,8 @@ def _qemu_ata(text: str, disk: str | None) -> tuple[list[str], list[str]]:
                 )
                 p.offset = first * SECTOR
                 order.append(p)
+    discards = [p for p in order if p.extra["cmd"] == ata.DATA_SET_MANAGEMENT]
+    joined = dict(zip(map(id, discards), _join_discards(discards, punches) or [], strict=False))
     b = Builder("ata", disk)
     notes: list[str] = []
     other_drive = 0
@@ -520,6 +602,10 @@ def _qemu_ata(text: str, disk: str | None) -> tuple[list[str], list[str]]:
         ncq = p.extra.get("ncq", False)
         kind = ata._COMMANDS.get(cmd, ("", False, False))[0]
         if cmd == ata.DATA_SET_MANAGEMENT:
+            ranges = joined.get(id(p))
+            if ranges:
+                b.discard(p.t, ranges, note="ranges from the strace log")
+                continue
             fis = ata.build_fis(ata.DATA_SET_MANAGEMENT, 0, n or 1, features=1)
             b.counts["discard"] += 1
             b._emit(fis, p.t, data=bytes((n or 1) * 512), note="ranges not in the qemu trace")
