@@ -12,6 +12,7 @@ import json
 import sys
 import threading
 import time
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ class Summary:
     bytes_written: int = 0
     bytes_zeroed: int = 0
     seconds: float = 0.0
-    latencies_us: list[float] = field(default_factory=list)
+    latencies_us: array[float] = field(default_factory=lambda: array("d"))
     first_problems: list[str] = field(default_factory=list)
     blocks_checked: int = 0
 
@@ -272,6 +273,9 @@ class Replayer:
         except BadRequest as e:
             done = None
             record["error"] = f"line {req.line}: {e}"
+        except Exception as e:  # a bug here must not stop the replay or kill a worker
+            done = None
+            record["error"] = f"line {req.line}: internal error: {type(e).__name__}: {e}"
         latency = (time.perf_counter() - begin) * 1e6
         mismatches = self.verifier.take_mismatches() if self.verifier is not None else []
         if mismatches:

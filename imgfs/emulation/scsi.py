@@ -215,6 +215,9 @@ _PROTECT_OPS = {
 }
 
 
+_KNOWN_OPS = frozenset(_RW_OPS) | _OTHER_OPS | {READ_6, WRITE_6, UNMAP}
+
+
 def decode(cdb: bytes) -> ScsiCommand:
     """Decode a CDB. Raises BadRequest when the CDB is shorter than its opcode's length and
     CheckCondition for an unsupported opcode or a reserved/unsupported value in a CDB field."""
@@ -222,13 +225,7 @@ def decode(cdb: bytes) -> ScsiCommand:
         raise BadRequest("empty CDB")
     opcode = cdb[0]
     need = _cdb_length(opcode)
-    if need == 0 or (
-        opcode not in _RW_OPS
-        and opcode not in _OTHER_OPS
-        and opcode != READ_6
-        and opcode != WRITE_6
-        and opcode != UNMAP
-    ):
+    if need == 0 or opcode not in _KNOWN_OPS:
         raise CheckCondition(ILLEGAL_REQUEST, INVALID_OPCODE)
     if len(cdb) < need:
         raise BadRequest(f"CDB for opcode 0x{opcode:02x} needs {need} bytes, got {len(cdb)}")
@@ -477,8 +474,6 @@ class ScsiDisk:
         try:
             if ndob or not any(block):
                 self.target.write_zeroes(offset, length, unmap)
-                if cmd.kind == WRITE_ZEROES and flags & 0x08:
-                    pass
             else:
                 # A non-zero pattern: write it in chunks of up to 1 MiB.
                 per = max(1, (1 << 20) // bs)

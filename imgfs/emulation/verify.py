@@ -24,14 +24,19 @@ def _digest(block: bytes | bytearray | memoryview) -> bytes:
 
 
 class IntervalSet:
-    """Disjoint half-open block ranges, sorted."""
+    """Disjoint half-open block ranges, sorted; safe to use from several threads."""
 
     def __init__(self) -> None:
         self.starts: list[int] = []
         self.ends: list[int] = []
+        self._lock = threading.Lock()
 
     def add(self, lo: int, hi: int) -> None:
-        self.remove(lo, hi)
+        with self._lock:
+            self._remove(lo, hi)
+            self._add(lo, hi)
+
+    def _add(self, lo: int, hi: int) -> None:
         i = bisect.bisect_left(self.starts, lo)
         # merge with neighbours that touch
         if i > 0 and self.ends[i - 1] == lo:
@@ -45,6 +50,10 @@ class IntervalSet:
         self.ends.insert(i, hi)
 
     def remove(self, lo: int, hi: int) -> None:
+        with self._lock:
+            self._remove(lo, hi)
+
+    def _remove(self, lo: int, hi: int) -> None:
         i = bisect.bisect_right(self.ends, lo)
         keep_s: list[int] = []
         keep_e: list[int] = []
@@ -62,8 +71,9 @@ class IntervalSet:
         self.ends[i:j] = keep_e
 
     def __contains__(self, block: int) -> bool:
-        i = bisect.bisect_right(self.starts, block) - 1
-        return i >= 0 and block < self.ends[i]
+        with self._lock:
+            i = bisect.bisect_right(self.starts, block) - 1
+            return i >= 0 and block < self.ends[i]
 
 
 class RangeLock:
