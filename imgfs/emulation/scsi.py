@@ -343,6 +343,8 @@ class ScsiDisk:
         if op == INQUIRY:
             return self._inquiry(cmd.cdb), 0
         if op == REQUEST_SENSE:
+            if cmd.cdb[1] & 0x01:  # DESC: descriptor-format sense data is not supported
+                raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, 1, 0)
             alloc = cmd.cdb[4]
             if self.stopped:
                 return fixed_sense(NOT_READY, *NOT_READY_INIT_REQUIRED)[:alloc], 0
@@ -401,6 +403,9 @@ class ScsiDisk:
     def _write(
         self, cmd: ScsiCommand, data_out: bytes | bytearray | memoryview | None
     ) -> tuple[bytes, int]:
+        verify = cmd.opcode in (WRITE_AND_VERIFY_10, WRITE_AND_VERIFY_12, WRITE_AND_VERIFY_16)
+        if verify and cmd.flags & 0x04:  # BYTCHK 10b/11b: not supported for WRITE AND VERIFY
+            raise CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB, 1, 2)
         self._check_transfer(cmd)
         bs = self.block_size
         data = self._data_out(data_out, cmd.count * bs)

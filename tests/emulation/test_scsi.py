@@ -497,3 +497,11 @@ def test_decode_fields() -> None:
     )
     assert decode(bytes([0x08, 0x1F, 0xFF, 0xFF, 0, 0])).lba == 0x1FFFFF
     assert scsi.decode(bytes([0x35]) + bytes(9)).kind == "flush"
+
+
+def test_request_sense_descriptor_format_is_not_supported(dev: ScsiDisk) -> None:
+    check(dev.submit(bytes([0x03, 0x01, 0, 0, 252, 0])), 0x05, 0x24, 0x00, b"\xc8\x00\x01")
+
+
+def test_write_and_verify_bytchk_11b_is_invalid(dev: ScsiDisk) -> None:
+    check(dev.submit(cdb10(0x2E, 0, 1, flags=0x06), bytes(512)), 0x05, 0x24, 0x00, b"\xca\x00\x01")
