@@ -18,6 +18,7 @@ from typing import Any
 
 from imgfs.emulation import ata, scsi, virtio
 from imgfs.emulation.trace import header_line, request_line
+from imgfs.errors import UsageError
 
 SECTOR = 512
 
@@ -253,10 +254,7 @@ def from_qemu(
         return _qemu_scsi(text, disk, punches)
     if events & {"ide_exec_cmd", "process_ncq_command"}:
         return _qemu_ata(text, disk, punches)
-    raise_unknown = "no virtio-blk, SCSI, IDE or AHCI request events in this log"
-    from imgfs.errors import UsageError
-
-    raise UsageError(raise_unknown)
+    raise UsageError("no virtio-blk, SCSI, IDE or AHCI request events in this log")
 
 
 _PUNCH = re.compile(
@@ -696,8 +694,6 @@ def from_fio(
     """fio iolog version 2 or 3 (``--write_iolog``). Version 3 timestamps are microseconds
     since the start of the job (as fio 3.33 writes them). Offsets and lengths must be
     multiples of 512."""
-    from imgfs.errors import UsageError
-
     lines = text.splitlines()
     if not lines:
         raise UsageError("empty fio iolog")

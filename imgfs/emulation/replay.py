@@ -21,6 +21,7 @@ from typing import IO, Any
 from imgfs.emulation import ata, scsi, virtio
 from imgfs.emulation.common import (
     DISCARD,
+    FLUSH,
     READ,
     VERIFY,
     WRITE,
@@ -201,7 +202,9 @@ class Replayer:
 
     def _span(self, req: TraceRequest) -> tuple[int, int] | None:
         """The byte range a request may touch (whole disk when it cannot be told from the
-        command alone, as for UNMAP/TRIM/discard lists), or None for no data access."""
+        command alone, as for UNMAP/TRIM/discard lists), or None for no data access. A flush
+        counts as the whole disk: the guest sent it for the writes before it, so it waits for
+        them (and later requests wait for it)."""
         everything = (0, 1 << 63)
         try:
             if req.bus == "virtio":
@@ -210,17 +213,20 @@ class Replayer:
                     return v.sector * 512, v.sector * 512 + (req.data_in_length or 0)
                 if v.type == virtio.T_OUT:
                     return v.sector * 512, v.sector * 512 + len(req.data or b"")
-                return everything if v.type in (virtio.T_DISCARD, virtio.T_WRITE_ZEROES) else None
+                barriers = (virtio.T_DISCARD, virtio.T_WRITE_ZEROES, virtio.T_FLUSH)
+                return everything if v.type in barriers else None
             bs = self.block_size
             if req.bus == "scsi":
                 c = scsi.decode(req.cmd)
                 if c.kind in (READ, WRITE, VERIFY, WRITE_ZEROES):
                     return c.lba * bs, (c.lba + c.count) * bs
-                return everything if c.kind == DISCARD or c.opcode in _SCSI_BARRIERS else None
+                barrier = c.kind in (DISCARD, FLUSH) or c.opcode in _SCSI_BARRIERS
+                return everything if barrier else None
             a = ata.decode(req.cmd)
             if a.kind in (READ, WRITE, VERIFY):
                 return a.lba * bs, (a.lba + a.count) * bs
-            return everything if a.kind == DISCARD or a.command == ata.SET_FEATURES else None
+            barrier = a.kind in (DISCARD, FLUSH) or a.command == ata.SET_FEATURES
+            return everything if barrier else None
         except Exception:  # the device reports it when the request runs
             return None
 
