@@ -652,3 +652,14 @@ def test_replay_through_each_driver(tmp_path: Path, capsys, fmt: str, cache: str
     subprocess.run(
         ["qemu-img", "compare", "-q", "-f", fmt, "-F", "raw", str(image), str(plain)], check=True
     )
+
+
+def test_progress_line_on_stderr(tmp_path: Path, capsys) -> None:
+    target = FileTarget(str(raw_file(tmp_path / "d.raw", 1 * MiB)))
+    lines = ['{"bus":"virtio","cmd":"04000000000000000000000000000000"}'] * 50
+    r = Replayer(target, progress=True, total=50)
+    r.run(lines)
+    target.close()
+    err = capsys.readouterr().err
+    assert "/50 (" in err and "req/s" in err
+    assert err.endswith("\r\x1b[K")  # the line is cleared at the end
