@@ -79,8 +79,11 @@ CURRENT_SIZE_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 MIN_BLOCK_SIZE = SECTOR
 MAX_BLOCK_SIZE = 256 * 1024 * 1024
 MAX_VIRTUAL_SIZE = 1 << 50
+# What qemu-img creates at most (2040 GiB).
+MAX_CREATE_SIZE = 0xFF000000 * 512
 MAX_LOCATOR_BYTES = 64 * 1024
 BITMAP_CACHE_BLOCKS = 1024
+COW_UNIT = 4096
 
 DEFAULT_BLOCK_SIZE = 2 * 1024 * 1024
 # Seconds between the Unix epoch and the VHD epoch (2000-01-01 00:00:00 UTC).
@@ -372,7 +375,8 @@ class VpcDriver(BlockDriver):
             if entry == BAT_UNALLOCATED:
                 pieces.append(self.read_backing(offset, n))
             elif self._disk_type == DISK_DIFFERENCING:
-                pieces.extend(self._read_differencing(index, entry, offset, within, n))
+                bitmap = self._bitmap(index, entry)
+                pieces.extend(self._read_differencing(bitmap, entry, offset, within, n))
             else:
                 pieces.append(self.file.pread(entry * SECTOR + self._bitmap_size + within, n))
             offset += n
@@ -381,9 +385,8 @@ class VpcDriver(BlockDriver):
         return b"".join(pieces)
 
     def _read_differencing(
-        self, index: int, entry: int, offset: int, within: int, n: int
+        self, bitmap: bytearray, entry: int, offset: int, within: int, n: int
     ) -> list[bytes | bytearray | memoryview]:
-        bitmap = self._bitmap(index, entry)
         data_start = entry * SECTOR + self._bitmap_size
         pieces: list[bytes | bytearray | memoryview] = []
         pos, stop = within, within + n
@@ -480,49 +483,55 @@ class VpcDriver(BlockDriver):
             pos += n
 
     def _write_differencing(self, index: int, within: int, piece: memoryview) -> None:
+        # Copy-on-write in 4 KiB units (one bitmap byte): partly written units take the rest of
+        # their bytes from the current content, so every set bit covers real data. Readers
+        # that look at the bitmap a byte at a time (libvhdi) then agree with us.
         n = len(piece)
-        first, last = within // SECTOR, (within + n - 1) // SECTOR
+        unit = min(COW_UNIT, self._block_size)
+        lo = within // unit * unit
+        hi = min(-(-(within + n) // unit) * unit, self._block_size)
         with self._lock:
             entry = self._bat[index]
             fresh = entry == BAT_UNALLOCATED
             bitmap = bytearray(self._bitmap_size) if fresh else self._bitmap_locked(index, entry)
-            # Sectors only partly covered and not yet in this image take the parent's bytes.
-            head_gap = within - first * SECTOR
-            tail_gap = (last + 1) * SECTOR - (within + n)
             buf: bytes | bytearray | memoryview = piece
-            if head_gap or tail_gap:
-                out = bytearray((last - first + 1) * SECTOR)
-                if head_gap:
-                    out[:SECTOR] = self._current_sector(index, entry, bitmap, first)
-                if tail_gap:
-                    out[-SECTOR:] = self._current_sector(index, entry, bitmap, last)
-                out[head_gap : head_gap + n] = piece
+            if lo < within or within + n < hi:
+                out = bytearray(hi - lo)
+                if lo < within:
+                    out[: within - lo] = self._current(index, entry, bitmap, lo, within - lo)
+                if within + n < hi:
+                    out[within + n - lo :] = self._current(
+                        index, entry, bitmap, within + n, hi - within - n
+                    )
+                out[within - lo : within - lo + n] = piece
                 buf = out
             if fresh:
                 entry = self._allocate(bytes(bitmap)) // SECTOR
-            data_start = entry * SECTOR + self._bitmap_size
-            self.file.pwrite(data_start + first * SECTOR, buf)
+            self.file.pwrite(entry * SECTOR + self._bitmap_size + lo, buf)
+            first, last = lo // SECTOR, (hi - 1) // SECTOR
             changed = False
             for sector in range(first, last + 1):
                 if not _bit(bitmap, sector):
                     bitmap[sector // 8] |= 0x80 >> (sector % 8)
                     changed = True
             if changed:
-                lo = first // 8 // SECTOR * SECTOR
-                hi = -(-(last // 8 + 1) // SECTOR) * SECTOR
-                self.file.pwrite(entry * SECTOR + lo, bytes(bitmap[lo:hi]))
+                b_lo = first // 8 // SECTOR * SECTOR
+                b_hi = -(-(last // 8 + 1) // SECTOR) * SECTOR
+                self.file.pwrite(entry * SECTOR + b_lo, bytes(bitmap[b_lo:b_hi]))
             if fresh:
                 self._remember_bitmap(index, bitmap)
                 self._set_bat(index, entry * SECTOR)
 
-    def _current_sector(self, index: int, entry: int, bitmap: bytearray, sector: int) -> bytes:
-        if entry != BAT_UNALLOCATED and _bit(bitmap, sector):
-            return bytes(
-                self.file.pread(entry * SECTOR + self._bitmap_size + sector * SECTOR, SECTOR)
-            )
-        guest = index * self._block_size + sector * SECTOR
-        length = min(SECTOR, self._size - guest)
-        return bytes(self.read_backing(guest, length)).ljust(SECTOR, b"\0")
+    def _current(
+        self, index: int, entry: int, bitmap: bytearray, within: int, length: int
+    ) -> bytes:
+        """The guest bytes of a range inside one block before a write changes them."""
+        guest = index * self._block_size + within
+        if entry == BAT_UNALLOCATED:
+            return bytes(self.read_backing(guest, length))
+        return b"".join(
+            bytes(p) for p in self._read_differencing(bitmap, entry, guest, within, length)
+        )
 
     def _allocate(self, bitmap: bytes) -> int:
         """A new block at the end of the file, in the crash-safe order; returns its byte
@@ -576,8 +585,8 @@ class VpcDriver(BlockDriver):
         backing = options.get("backing_file")
         if options.get("backing_fmt", "vpc") != "vpc":
             raise InvalidRequest(f"vpc: a parent must be vpc, not {options['backing_fmt']!r}")
-        if size < 0 or size > MAX_VIRTUAL_SIZE:
-            raise InvalidRequest(f"vpc: bad size {size}")
+        if size < 0 or size > MAX_CREATE_SIZE:
+            raise InvalidRequest(f"vpc: size {size} is beyond the format's {MAX_CREATE_SIZE}")
         if backing is not None and subformat == "fixed":
             raise InvalidRequest("vpc: a fixed image cannot have a parent")
 
