@@ -850,7 +850,7 @@ def _parent_data_write_guid(path: str, backing: str) -> str:
     file = open_host_file(parent_path, writable=False, cache=CacheMode.WRITEBACK)
     try:
         parent = VhdxDriver.open(file, OpenOptions(read_only=True, cache=CacheMode.WRITEBACK))
-        return "{" + str(uuid.UUID(bytes_le=parent._header[4])).upper() + "}"
+        return "{" + str(uuid.UUID(bytes_le=parent._header[4])) + "}"
     finally:
         file.close()
 
