@@ -727,7 +727,13 @@ class VhdxDriver(BlockDriver):
         size = align_up(size, logical)
         block_size = parse_size("block_size", options.get("block_size", "0"))
         if block_size == 0:
-            block_size = 32 * MiB if size >= TiB else 16 * MiB if size > GiB else 8 * MiB
+            # qemu-img's choice, so both make the same image for the same size.
+            block_size = (
+                64 * MiB if size > 32 * TiB
+                else 32 * MiB if size > 100 * GiB
+                else 16 * MiB if size > GiB
+                else 8 * MiB
+            )  # fmt: skip
         if block_size < MiB or block_size > 256 * MiB or block_size & (block_size - 1):
             raise InvalidRequest(f"vhdx: block_size {block_size} is not a power of 2 in 1M..256M")
         log_size = parse_size("log_size", options.get("log_size", "1M"))
@@ -785,10 +791,12 @@ class VhdxDriver(BlockDriver):
                 os.path.dirname(os.path.abspath(path)),
             )
             absolute = os.path.abspath(os.path.join(os.path.dirname(path), backing))
+            # Paths in Win32 form (backslashes); readers such as libvhdi take the file name
+            # from absolute_win32_path and look for it beside the child.
             items.append((PARENT_LOCATOR, _parent_locator({
                 "parent_linkage": parent_linkage,
                 "relative_path": ".\\" + rel.replace("/", "\\"),
-                "absolute_win32_path": absolute,
+                "absolute_win32_path": absolute.replace("/", "\\"),
             }), META_IS_REQUIRED))  # fmt: skip
         metadata = bytearray(metadata_length)
         METADATA_HEADER.pack_into(metadata, 0, b"metadata", 0, len(items), bytes(20))

@@ -634,9 +634,8 @@ class VpcDriver(BlockDriver):
                 parent_name = base.encode("utf-16-be")[:510].ljust(512, b"\0")
                 rel = _relative_parent(path, backing)
                 absolute = os.path.abspath(os.path.join(os.path.dirname(path), backing))
-                for i, (code, text) in enumerate(
-                    ((b"W2ru", ".\\" + rel.replace("/", "\\")), (b"W2ku", absolute))
-                ):
+                win_rel, win_abs = ".\\" + rel.replace("/", "\\"), absolute.replace("/", "\\")
+                for i, (code, text) in enumerate(((b"W2ru", win_rel), (b"W2ku", win_abs))):
                     blob = text.encode("utf-16-le")
                     space = -(-len(blob) // SECTOR) * SECTOR
                     LOCATOR.pack_into(locators, i * LOCATOR.size, code, space, len(blob), 0, end)
