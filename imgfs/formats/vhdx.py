@@ -688,6 +688,23 @@ class VhdxDriver(BlockDriver):
         if fresh:
             self._set_entry(index, PAYLOAD_PARTIALLY_PRESENT, host)
 
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Blocks that already read as zeros are left alone; others get zeros written."""
+        if self.read_only:
+            raise ReadOnly(f"{self.file.path}: opened read-only")
+        end = offset + length
+        bs = self._block_size
+        while offset < end:
+            block, within = divmod(offset, bs)
+            n = min(bs - within, end - offset)
+            state, _host = self._entry(self._payload_index(block))
+            reads_zero = state == PAYLOAD_ZERO or (
+                not self._has_parent and state not in (PAYLOAD_FULLY_PRESENT,)
+            )
+            if not reads_zero:
+                super().write_zeroes(offset, n, may_unmap)
+            offset += n
+
     def flush(self) -> None:
         self.file.sync()
 

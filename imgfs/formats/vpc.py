@@ -548,6 +548,23 @@ class VpcDriver(BlockDriver):
         self.file.pwrite(self._table_offset + 4 * index, entry.to_bytes(4, "big"))
         self._bat[index] = entry
 
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Unallocated blocks of a dynamic image already read as zeros: only allocated blocks
+        (and every block of a fixed or differencing image) get zeros written."""
+        if self.read_only:
+            raise ReadOnly(f"{self.file.path}: opened read-only")
+        if self._disk_type != DISK_DYNAMIC:
+            super().write_zeroes(offset, length, may_unmap)
+            return
+        end = offset + length
+        bs = self._block_size
+        while offset < end:
+            index, within = divmod(offset, bs)
+            n = min(bs - within, end - offset)
+            if index < len(self._bat) and self._bat[index] != BAT_UNALLOCATED:
+                super().write_zeroes(offset, n, may_unmap)
+            offset += n
+
     # -- management -----------------------------------------------------------------------------
 
     def info(self) -> ImageInfo:

@@ -340,3 +340,16 @@ def test_huge_bat_is_rejected(tmp_path: Path) -> None:
     image.write_bytes(raw)
     with pytest.raises(CorruptImage, match="1073741825"):
         open_disk(str(image), "vpc", read_only=True)
+
+
+def test_write_zeroes_keeps_unallocated_blocks_unallocated(tmp_path: Path) -> None:
+    image = tmp_path / "disk.vhd"
+    VpcDriver.create(str(image), 8 * MiB, {"force_size": "on"})
+    qemu_io(image, "write -P 0x31 0 2M")
+    size_before = image.stat().st_size
+    disk = open_disk(str(image), "vpc")
+    disk.write_zeroes(MiB, 6 * MiB)
+    disk.close()
+    assert image.stat().st_size == size_before
+    expected = b"\x31" * MiB + bytes(7 * MiB)
+    assert export(image, tmp_path / "out.raw").read_bytes() == expected
