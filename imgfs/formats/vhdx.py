@@ -108,7 +108,7 @@ META_IS_REQUIRED = 4
 SECTOR_BITMAP_BLOCK = 1 * MiB
 MAX_VIRTUAL_SIZE = 64 * TiB
 MAX_TABLE_ENTRIES = 2047
-MAX_LOG_SIZE = 256 * MiB  # larger logs are refused rather than read into memory
+MAX_LOG_SIZE = 64 * MiB  # dirty logs larger than this are refused rather than read into memory
 MAX_METADATA_ITEM = 1 * MiB
 
 
@@ -378,8 +378,13 @@ class VhdxDriver(BlockDriver):
         path = self.file.path
         if log_length == 0 or log_length % MiB or log_offset % MiB or log_offset < MiB:
             raise CorruptImage(f"{path}: log at {log_offset} length {log_length} is misaligned")
-        if log_length > MAX_LOG_SIZE or log_offset + log_length > size:
-            raise CorruptImage(f"{path}: log length {log_length} is too large or outside the file")
+        if log_offset + log_length > size:
+            raise CorruptImage(f"{path}: log at {log_offset} length {log_length} is past the end")
+        if log_length > MAX_LOG_SIZE:
+            raise Unsupported(
+                f"{path}: the log needs replaying and is {log_length} bytes, more than the "
+                f"{MAX_LOG_SIZE} imgfs reads into memory"
+            )
         log = bytes(self.file.pread(log_offset, log_length))
         entries: dict[int, tuple] = {}
         for off in range(0, log_length, 4096):
@@ -719,6 +724,8 @@ class VhdxDriver(BlockDriver):
             "block-size": self._block_size,
             "leave-blocks-allocated": self._leave_allocated,
         }
+        if len(self._page83) == 16:
+            info.format_specific["page83"] = str(uuid.UUID(bytes_le=self._page83))
         if self._parent_linkage:
             info.format_specific["parent-linkage"] = self._parent_linkage
         info.notes = list(self._notes)

@@ -163,6 +163,7 @@ class VpcDriver(BlockDriver):
         self._notes: list[str] = []
         self._footer = b""
         self._disk_type = DISK_FIXED
+        self._data_end = 0
         self._size = 0
         self._creator_app = b""
         self._block_size = 0
@@ -222,10 +223,11 @@ class VpcDriver(BlockDriver):
             raise CorruptImage(f"{path}: disk size {size} is beyond {MAX_VIRTUAL_SIZE}")
         self._size = size
         if disk_type == DISK_FIXED:
+            self._data_end = file_size - FOOTER.size
             if file_size - FOOTER.size < size:
                 self._notes.append(
                     f"fixed image holds {file_size - FOOTER.size} data bytes, less than its "
-                    f"size {size}: the rest reads as zeros"
+                    f"size {size}: the rest reads as zeros (qemu shows the footer there)"
                 )
             return
         self._load_dynamic(data_offset, file_size)
@@ -364,7 +366,11 @@ class VpcDriver(BlockDriver):
 
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         if self._disk_type == DISK_FIXED:
-            return self.file.pread(offset, length)
+            if offset + length <= self._data_end:
+                return self.file.pread(offset, length)
+            # Past the data area (a disk bigger than the file holds): zeros, not the footer.
+            inside = max(0, self._data_end - offset)
+            return bytes(self.file.pread(offset, inside)) + bytes(length - inside)
         pieces: list[bytes | bytearray | memoryview] = []
         end = offset + length
         bs = self._block_size
@@ -454,6 +460,13 @@ class VpcDriver(BlockDriver):
         if self.read_only:
             raise ReadOnly(f"{self.file.path}: opened read-only")
         if self._disk_type == DISK_FIXED:
+            if offset + len(data) > self._data_end:
+                # The disk is bigger than the data area (the size rule chose the footer's
+                # size): writing there would overwrite the footer.
+                raise Unsupported(
+                    f"{self.file.path}: write at {offset} reaches past the fixed image's data "
+                    f"area ({self._data_end} bytes)"
+                )
             self.file.pwrite(offset, data)
             return
         view = memoryview(data).cast("B")

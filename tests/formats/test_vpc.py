@@ -16,8 +16,8 @@ import pytest
 
 from imgfs.block import registry
 from imgfs.block.disk import open_disk
-from imgfs.errors import CorruptImage, InvalidRequest
-from imgfs.formats.vpc import VpcDriver
+from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
+from imgfs.formats.vpc import VpcDriver, with_checksum
 from tests.conftest import SHARED
 from tests.oracle import (
     assert_export_matches_qemu,
@@ -353,3 +353,22 @@ def test_write_zeroes_keeps_unallocated_blocks_unallocated(tmp_path: Path) -> No
     assert image.stat().st_size == size_before
     expected = b"\x31" * MiB + bytes(7 * MiB)
     assert export(image, tmp_path / "out.raw").read_bytes() == expected
+
+
+def test_fixed_image_smaller_than_its_size_protects_the_footer(tmp_path: Path) -> None:
+    image = tmp_path / "fixed.vhd"
+    qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size=on", str(image), "4M")
+    raw = bytearray(image.read_bytes())
+    footer = bytearray(raw[-512:])
+    footer[48:56] = (5 * MiB).to_bytes(8, "big")  # current_size past the data area
+    raw[-512:] = with_checksum(footer, 64)
+    image.write_bytes(raw)
+    disk = open_disk(str(image), "vpc")
+    assert disk.size == 5 * MiB
+    assert any("less than its size" in n for n in disk.top.info().notes)
+    assert disk.read(4 * MiB, MiB) == bytes(MiB)
+    disk.write(MiB, b"ok")
+    with pytest.raises(Unsupported):
+        disk.write(4 * MiB + 100, b"x")
+    disk.close()
+    assert image.read_bytes()[-512:] == raw[-512:]
