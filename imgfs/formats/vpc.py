@@ -294,12 +294,14 @@ class VpcDriver(BlockDriver):
         table = bytes(self.file.pread(table_offset, max_entries * 4))
         self._bat = list(struct.unpack(f">{max_entries}I", table))
         end = table_offset + -(-max_entries * 4 // SECTOR) * SECTOR
+        # Blocks live after the BAT (and after the header, wherever the BAT is).
+        table_end = max(end, data_offset + DYN_HEADER.size)
         span = self._bitmap_size + block_size
         for index, entry in enumerate(self._bat):
             if entry == BAT_UNALLOCATED:
                 continue
             start = entry * SECTOR
-            if start < DYN_HEADER.size or start + self._bitmap_size > file_size:
+            if start < table_end or start + self._bitmap_size > file_size:
                 raise CorruptImage(f"{path}: BAT entry {index} points at {start}, outside the file")
             end = max(end, start + span)
         # New blocks go where the footer is (or past the last block, if that is later).
