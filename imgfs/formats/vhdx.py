@@ -92,6 +92,7 @@ PAYLOAD_NOT_PRESENT = 0
 PAYLOAD_UNDEFINED = 1
 PAYLOAD_ZERO = 2
 PAYLOAD_UNMAPPED = 3
+PAYLOAD_UNMAPPED_V095 = 5  # the value of UNMAPPED in drafts of the spec, still met
 PAYLOAD_FULLY_PRESENT = 6
 PAYLOAD_PARTIALLY_PRESENT = 7
 SB_NOT_PRESENT = 0
@@ -513,6 +514,9 @@ class VhdxDriver(BlockDriver):
         (raw,) = struct.unpack_from("<Q", self._bat, index * 8)
         state = raw & 7
         offset = (raw >> 20) << 20
+        if state == 4 or (state == PAYLOAD_PARTIALLY_PRESENT and not self._has_parent):
+            # 4 is no state; partly present blocks need a parent. qemu fails these reads too.
+            raise CorruptImage(f"{self.file.path}: BAT entry {index} has invalid state {state}")
         if state in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT) and (
             offset < MiB or offset + self._block_size > self._file_end + self._block_size
         ):

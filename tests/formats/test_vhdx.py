@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import random
 import shutil
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -393,3 +394,29 @@ def test_write_zeroes_keeps_zero_blocks_unallocated(tmp_path: Path) -> None:
     (tmp_path / "expected.raw").write_bytes(b"\x31" * MiB + bytes(7 * MiB))
     assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vhdx")
     assert_qemu_check_clean(image, "vhdx")
+
+
+def test_payload_block_states_read_as_qemu_reads_them(tmp_path: Path) -> None:
+    image = tmp_path / "states.vhdx"
+    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", str(image), "8M")
+    qemu_io(image, "write -P 0x41 0 8M")
+    raw = bytearray(image.read_bytes())
+    bat = 2 * MiB  # where qemu-img puts the BAT with a 1 MiB log
+    for block, state in enumerate(range(8)):
+        (entry,) = struct.unpack_from("<Q", raw, bat + 8 * block)
+        struct.pack_into("<Q", raw, bat + 8 * block, entry & ~7 | state)
+    image.write_bytes(raw)
+    disk = open_disk(str(image), "vhdx", read_only=True)
+    try:
+        for block in range(8):
+            args = ["qemu-io", "-f", "vhdx", "-c", f"read -v {block * MiB} 16", str(image)]
+            theirs = subprocess.run(args, capture_output=True, text=True, timeout=60).stdout
+            if "Input/output error" in theirs:
+                with pytest.raises(CorruptImage, match="invalid state"):
+                    disk.read(block * MiB, 16)
+            else:
+                fill = b"\x41" if block == 6 else b"\0"  # only FULLY_PRESENT holds data
+                assert disk.read(block * MiB, 16) == fill * 16
+                assert (" 41 41" in theirs) == (block == 6)
+    finally:
+        disk.close()
