@@ -170,7 +170,9 @@ class VhdxDriver(BlockDriver):
         self._page83 = b""
         self._parent_candidates: list[str] = []
         self._parent_linkage = ""
+        self._parent_linkage2 = ""
         self._backing_name: str | None = None
+        self._backing: BlockDriver | None = None
         self._file_end = 0
         self._write_started = False
 
@@ -355,6 +357,7 @@ class VhdxDriver(BlockDriver):
             except UnicodeDecodeError:
                 raise CorruptImage(f"{path}: parent locator entry {i} is not UTF-16") from None
         self._parent_linkage = entries.get("parent_linkage", "")
+        self._parent_linkage2 = entries.get("parent_linkage2", "")
         names = []
         if "relative_path" in entries:
             rel = entries["relative_path"].replace("\\", "/")
@@ -489,6 +492,26 @@ class VhdxDriver(BlockDriver):
             raw = HEADER.pack(*h).ljust(HEADER_SIZE, b"\0")
             self.file.pwrite(HEADER_OFFSETS[slot], with_crc(raw))
             self.file.sync()
+
+    # -- the parent -----------------------------------------------------------------------------
+
+    @property  # type: ignore[override]
+    def backing(self) -> BlockDriver | None:
+        return self._backing
+
+    @backing.setter
+    def backing(self, parent: BlockDriver | None) -> None:
+        # Linked first, so a failed check still closes the parent with the chain.
+        self._backing = parent
+        if isinstance(parent, VhdxDriver) and self._parent_linkage:
+            theirs = "{" + str(uuid.UUID(bytes_le=bytes(parent._header[4]))) + "}"
+            wanted = {g.lower() for g in (self._parent_linkage, self._parent_linkage2) if g}
+            if theirs.lower() not in wanted:
+                raise CorruptImage(
+                    f"{self.file.path}: parent {parent.file.path} has data write GUID {theirs}, "
+                    f"not the {self._parent_linkage} this image was made from (the parent "
+                    "changed since)"
+                )
 
     # -- geometry -------------------------------------------------------------------------------
 

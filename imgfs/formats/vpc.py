@@ -173,6 +173,8 @@ class VpcDriver(BlockDriver):
         self._free_offset = 0
         self._parent_candidates: list[str] = []
         self._backing_name: str | None = None
+        self._parent_uuid = bytes(16)
+        self._backing: BlockDriver | None = None
         self._bitmaps: OrderedDict[int, bytearray] = OrderedDict()
 
     # -- discovery ------------------------------------------------------------------------------
@@ -351,6 +353,23 @@ class VpcDriver(BlockDriver):
             if os.path.exists(os.path.join(here, name)):
                 return name
         return self._parent_candidates[0] if self._parent_candidates else None
+
+    # -- the parent -----------------------------------------------------------------------------
+
+    @property  # type: ignore[override]
+    def backing(self) -> BlockDriver | None:
+        return self._backing
+
+    @backing.setter
+    def backing(self, parent: BlockDriver | None) -> None:
+        self._backing = parent
+        if isinstance(parent, VpcDriver) and self._parent_uuid != bytes(16):
+            theirs = FOOTER.unpack(parent._footer)[15]
+            if theirs != self._parent_uuid:
+                self._notes.append(
+                    f"parent {parent.file.path} has UUID {uuid.UUID(bytes=theirs)}, not the "
+                    f"{uuid.UUID(bytes=self._parent_uuid)} this image names (read anyway)"
+                )
 
     # -- geometry -------------------------------------------------------------------------------
 

@@ -420,3 +420,13 @@ def test_payload_block_states_read_as_qemu_reads_them(tmp_path: Path) -> None:
                 assert (" 41 41" in theirs) == (block == 6)
     finally:
         disk.close()
+
+
+def test_changed_parent_is_refused(tmp_path: Path) -> None:
+    parent, child = tmp_path / "p.vhdx", tmp_path / "c.vhdx"
+    qemu_img("create", "-q", "-f", "vhdx", str(parent), "4M")
+    VhdxDriver.create(str(child), 4 * MiB, {"backing_file": "p.vhdx"})
+    open_disk(str(child), "vhdx", read_only=True).close()
+    qemu_io(parent, "write -P 1 0 4k")  # a new data write GUID in the parent
+    with pytest.raises(CorruptImage, match="data write GUID"):
+        open_disk(str(child), "vhdx", read_only=True)

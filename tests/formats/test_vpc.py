@@ -372,3 +372,21 @@ def test_fixed_image_smaller_than_its_size_protects_the_footer(tmp_path: Path) -
         disk.write(4 * MiB + 100, b"x")
     disk.close()
     assert image.read_bytes()[-512:] == raw[-512:]
+
+
+def test_parent_uuid_mismatch_is_noted(tmp_path: Path) -> None:
+    parent, child = tmp_path / "p.vhd", tmp_path / "c.vhd"
+    qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=fixed", str(parent), "4M")
+    VpcDriver.create(str(child), qemu_info(parent, "vpc")["virtual-size"],
+                     {"backing_file": "p.vhd"})  # fmt: skip
+    disk = open_disk(str(child), "vpc", read_only=True)
+    assert not disk.top.info().notes
+    disk.close()
+    raw = bytearray(parent.read_bytes())
+    footer = bytearray(raw[-512:])
+    footer[68:84] = bytes(range(16))
+    raw[-512:] = with_checksum(footer, 64)
+    parent.write_bytes(raw)
+    disk = open_disk(str(child), "vpc", read_only=True)
+    assert any("UUID" in n for n in disk.top.info().notes)
+    disk.close()
