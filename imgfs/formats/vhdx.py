@@ -23,8 +23,10 @@ numbers (one header at a time, with a sync between).
 
 from __future__ import annotations
 
+import array
 import os
 import struct
+import sys
 import threading
 import uuid
 from collections.abc import Mapping
@@ -111,6 +113,8 @@ MAX_VIRTUAL_SIZE = 64 * TiB
 MAX_TABLE_ENTRIES = 2047
 MAX_LOG_SIZE = 64 * MiB  # dirty logs larger than this are refused rather than read into memory
 MAX_METADATA_ITEM = 1 * MiB
+# Blocks a crash may leave past the end of the file; BAT entries further out are corrupt.
+PAST_EOF_BLOCKS = 64
 
 
 def crc32c(data: bytes | bytearray | memoryview) -> int:
@@ -222,7 +226,39 @@ class VhdxDriver(BlockDriver):
         if log_guid != ZERO_GUID:
             self._replay_log(log_guid, log_offset, log_length, file_size)
         self._read_regions()
-        self._file_end = align_up(max(self.file.size(), self._overlay_end), MiB)
+        self._file_end = self._end_of_blocks(max(self.file.size(), self._overlay_end))
+
+    def _end_of_blocks(self, file_size: int) -> int:
+        """Where new blocks go: past the file and every block the BAT places (a crash can leave
+        a BAT entry pointing past the end of the file; that block reads as zeros)."""
+        end = align_up(file_size, MiB)
+        limit = end + PAST_EOF_BLOCKS * self._block_size
+        entries = array.array("Q", bytes(self._bat))
+        if sys.byteorder == "big":
+            entries.byteswap()
+        # Fast path: the highest entry (offsets are the high bits) is inside the limit.
+        if not entries or ((max(entries) >> 20) << 20) + self._block_size <= end:
+            return end
+        ratio = self._chunk_ratio
+        for index, (raw,) in enumerate(struct.iter_unpack("<Q", self._bat)):
+            if raw & 7 not in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT):
+                continue  # SB_PRESENT is 6, the same value as FULLY_PRESENT
+            is_bitmap = index % (ratio + 1) == ratio
+            block_end = ((raw >> 20) << 20) + (
+                SECTOR_BITMAP_BLOCK if is_bitmap else self._block_size
+            )
+            if block_end > limit:
+                raise CorruptImage(
+                    f"{self.file.path}: BAT entry {index} points at {(raw >> 20) << 20}, outside "
+                    "the file"
+                )
+            end = max(end, block_end)
+        if end > align_up(file_size, MiB):
+            self._notes.append(
+                "some blocks lie past the end of the file (an allocation cut short by a crash?): "
+                "they read as zeros"
+            )
+        return end
 
     def _read_headers(self) -> None:
         path = self.file.path
@@ -541,7 +577,7 @@ class VhdxDriver(BlockDriver):
             # 4 is no state; partly present blocks need a parent. qemu fails these reads too.
             raise CorruptImage(f"{self.file.path}: BAT entry {index} has invalid state {state}")
         if state in (PAYLOAD_FULLY_PRESENT, PAYLOAD_PARTIALLY_PRESENT) and (
-            offset < MiB or offset + self._block_size > self._file_end + self._block_size
+            offset < MiB or offset >= self._file_end
         ):
             raise CorruptImage(
                 f"{self.file.path}: BAT entry {index} points at {offset}, outside the file"

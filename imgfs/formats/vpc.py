@@ -84,6 +84,9 @@ MAX_CREATE_SIZE = 0xFF000000 * 512
 MAX_LOCATOR_BYTES = 64 * 1024
 BITMAP_CACHE_BLOCKS = 1024
 COW_UNIT = 4096
+# Blocks a crash may leave past the end of the file (the BAT entry reached the disk, the file's
+# new size did not); they read as zeros. Entries further out are corrupt.
+PAST_EOF_BLOCKS = 64
 
 DEFAULT_BLOCK_SIZE = 2 * 1024 * 1024
 # Seconds between the Unix epoch and the VHD epoch (2000-01-01 00:00:00 UTC).
@@ -248,6 +251,8 @@ class VpcDriver(BlockDriver):
                 self._notes.append(f"footer copy at the start is {state}: used the one at the end")
             elif where == "start" and tail[:8] == FOOTER_COOKIE and tail != buf:
                 self._notes.append("footer at the end differs from the copy at the start")
+            elif where == "start" and tail[:8] != FOOTER_COOKIE:
+                self._notes.append("no footer at the end of the file: used the copy at the start")
             return buf
         where, buf = found[0]
         stored = stored_checksum(buf, FOOTER_CHECKSUM_AT)
@@ -299,12 +304,19 @@ class VpcDriver(BlockDriver):
         # Blocks live after the BAT (and after the header, wherever the BAT is).
         table_end = max(end, data_offset + DYN_HEADER.size)
         span = self._bitmap_size + block_size
+        past_eof = 0
         for index, entry in enumerate(self._bat):
             if entry == BAT_UNALLOCATED:
                 continue
             start = entry * SECTOR
-            if start < table_end or start + self._bitmap_size > file_size:
+            if start < table_end or start + span > file_size + PAST_EOF_BLOCKS * span:
                 raise CorruptImage(f"{path}: BAT entry {index} points at {start}, outside the file")
+            if start + span > file_size and past_eof == 0:
+                past_eof += 1
+                self._notes.append(
+                    f"block {index} lies past the end of the file (an allocation cut short by "
+                    "a crash?): it reads as zeros"
+                )
             end = max(end, start + span)
         # New blocks go where the footer is (or past the last block, if that is later).
         self._free_offset = max(end, (file_size - FOOTER.size) // SECTOR * SECTOR)

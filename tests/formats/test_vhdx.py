@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import os
 import random
 import shutil
 import struct
@@ -430,3 +431,20 @@ def test_changed_parent_is_refused(tmp_path: Path) -> None:
     qemu_io(parent, "write -P 1 0 4k")  # a new data write GUID in the parent
     with pytest.raises(CorruptImage, match="data write GUID"):
         open_disk(str(child), "vhdx", read_only=True)
+
+
+def test_block_cut_off_by_a_crash_reads_zeros_and_new_blocks_go_after_it(tmp_path: Path) -> None:
+    image = tmp_path / "disk.vhdx"
+    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", str(image), "8M")
+    qemu_io(image, "write -P 0x31 0 1M", "write -P 0x32 3M 1M")
+    os.truncate(image, image.stat().st_size - MiB)  # the last block never made it
+    disk = open_disk(str(image), "vhdx")
+    assert any("past the end of the file" in n for n in disk.top.info().notes)
+    assert disk.read(3 * MiB, MiB) == bytes(MiB)
+    disk.write(5 * MiB, b"\x35" * 1000)
+    disk.close()
+    expected = bytearray(8 * MiB)
+    expected[:MiB] = b"\x31" * MiB
+    expected[5 * MiB : 5 * MiB + 1000] = b"\x35" * 1000
+    (tmp_path / "expected.raw").write_bytes(expected)
+    assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vhdx")

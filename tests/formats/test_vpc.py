@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import os
 import random
 import shutil
 import subprocess
@@ -390,3 +391,21 @@ def test_parent_uuid_mismatch_is_noted(tmp_path: Path) -> None:
     disk = open_disk(str(child), "vpc", read_only=True)
     assert any("UUID" in n for n in disk.top.info().notes)
     disk.close()
+
+
+def test_block_cut_off_by_a_crash_reads_zeros_and_new_blocks_go_after_it(tmp_path: Path) -> None:
+    image = tmp_path / "disk.vhd"
+    VpcDriver.create(str(image), 8 * MiB, {"force_size": "on", "block_size": "1M"})
+    qemu_io(image, "write -P 0x31 0 1M", "write -P 0x32 3M 1M")
+    size = image.stat().st_size
+    os.truncate(image, size - 512 - MiB)  # the last block and the end footer never made it
+    disk = open_disk(str(image), "vpc")
+    assert any("past the end of the file" in n for n in disk.top.info().notes)
+    assert disk.read(3 * MiB, MiB) == bytes(MiB)
+    disk.write(5 * MiB, b"\x35" * 1000)
+    disk.close()
+    expected = bytearray(8 * MiB)
+    expected[:MiB] = b"\x31" * MiB
+    expected[5 * MiB : 5 * MiB + 1000] = b"\x35" * 1000
+    (tmp_path / "expected.raw").write_bytes(expected)
+    assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vpc")
