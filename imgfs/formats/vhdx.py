@@ -834,7 +834,14 @@ class VhdxDriver(BlockDriver):
             raise InvalidRequest("vhdx: a fixed image cannot have a parent")
         parent_linkage = None
         if backing is not None:
-            parent_linkage = _parent_data_write_guid(path, backing)
+            parent_linkage, parent_size, parent_sector = _parent_facts(path, backing)
+            if "logical_sector_size" not in options:
+                logical = parent_sector
+            if parent_size != align_up(size, logical) or parent_sector != logical:
+                raise InvalidRequest(
+                    f"vhdx: a differencing image has its parent's size and sector size "
+                    f"({parent_size}, {parent_sector}), not ({size}, {logical})"
+                )
         fixed = subformat == "fixed"
 
         chunk_ratio = (1 << 23) * logical // block_size
@@ -937,7 +944,8 @@ def _parent_locator(entries: dict[str, str]) -> bytes:
     return bytes(table + keys)
 
 
-def _parent_data_write_guid(path: str, backing: str) -> str:
+def _parent_facts(path: str, backing: str) -> tuple[str, int, int]:
+    """The parent's data write GUID (as a parent_linkage string), size and sector size."""
     from imgfs.block.chain import open_host_file, resolve_relative
     from imgfs.block.hostfile import CacheMode
 
@@ -945,7 +953,8 @@ def _parent_data_write_guid(path: str, backing: str) -> str:
     file = open_host_file(parent_path, writable=False, cache=CacheMode.WRITEBACK)
     try:
         parent = VhdxDriver.open(file, OpenOptions(read_only=True, cache=CacheMode.WRITEBACK))
-        return "{" + str(uuid.UUID(bytes_le=parent._header[4])) + "}"
+        linkage = "{" + str(uuid.UUID(bytes_le=parent._header[4])) + "}"
+        return linkage, parent.virtual_size, parent._logical_sector
     finally:
         file.close()
 

@@ -192,11 +192,18 @@ def test_differencing_matches_vhdimount(tmp_path: Path, sector: str) -> None:
     images = tmp_path / "images"
     images.mkdir()
     parent, child = images / "parent.vhdx", images / "child.vhdx"
-    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", str(parent), "12M")
-    qemu_io(parent, "write -P 0x11 0 12M")
+    if sector == "512":
+        qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", str(parent), "12M")
+        qemu_io(parent, "write -P 0x11 0 12M")
+    else:  # qemu has no 4096-byte sectors
+        VhdxDriver.create(str(parent), 12 * MiB, {"logical_sector_size": "4096"})
+        writer = open_disk(str(parent), "vhdx")
+        writer.write(0, b"\x11" * 12 * MiB)
+        writer.close()
     VhdxDriver.create(str(child), 12 * MiB,
-                      {"backing_file": "parent.vhdx", "block_size": "2M",
-                       "logical_sector_size": sector})  # fmt: skip
+                      {"backing_file": "parent.vhdx", "block_size": "2M"})  # fmt: skip
+    with pytest.raises(InvalidRequest, match="parent's size"):
+        VhdxDriver.create(str(images / "bad.vhdx"), 8 * MiB, {"backing_file": "parent.vhdx"})
     disk = open_disk(str(child), "vhdx")
     assert disk.top.backing is not None
     expected = bytearray(disk.read(0, disk.size))
