@@ -31,9 +31,11 @@ from typing import Self
 from imgfs.block.driver import (
     BackingSpec,
     BlockDriver,
+    CheckResult,
     ImageInfo,
     OpenOptions,
     ProbeInput,
+    RepairMode,
 )
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
@@ -612,6 +614,31 @@ class VpcDriver(BlockDriver):
             offset += n
 
     # -- management -----------------------------------------------------------------------------
+
+    def check(self, repair: RepairMode) -> CheckResult:
+        """Blocks outside the file or sharing space (qemu has no vpc check)."""
+        result = CheckResult()
+        if self._disk_type == DISK_FIXED:
+            return result
+        file_size = self.file.size()
+        span = self._bitmap_size + self._block_size
+        blocks = sorted(
+            (entry * SECTOR, index)
+            for index, entry in enumerate(self._bat)
+            if entry != BAT_UNALLOCATED
+        )
+        for start, index in blocks:
+            if start + span > file_size:
+                result.corruptions += 1
+                result.messages.append(f"block {index} at {start} runs past the end of the file")
+        for (s0, i0), (s1, i1) in zip(blocks, blocks[1:], strict=False):
+            if s1 < s0 + span:
+                result.corruptions += 1
+                result.messages.append(f"blocks {i0} and {i1} share space at {s1}")
+        result.total_clusters = len(self._bat)
+        result.allocated_clusters = len(blocks)
+        result.image_end_offset = file_size
+        return result
 
     def info(self) -> ImageInfo:
         info = super().info()

@@ -455,3 +455,24 @@ def test_block_cut_off_by_a_crash_reads_zeros_and_new_blocks_go_after_it(tmp_pat
     expected[5 * MiB : 5 * MiB + 1000] = b"\x35" * 1000
     (tmp_path / "expected.raw").write_bytes(expected)
     assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vhdx")
+
+
+def test_check_finds_bad_entries(tmp_path: Path) -> None:
+    image = tmp_path / "disk.vhdx"
+    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", str(image), "8M")
+    qemu_io(image, "write -P 1 0 1M", "write -P 2 3M 1M")
+    disk = open_disk(str(image), "vhdx", read_only=True)
+    result = disk.check()
+    assert (result.corruptions, result.allocated_clusters) == (0, 2)
+    disk.close()
+    raw = bytearray(image.read_bytes())
+    bat = 2 * MiB
+    raw[bat + 8 : bat + 16] = raw[bat : bat + 8]  # block 1 shares block 0's space
+    raw[bat + 16 : bat + 24] = (4).to_bytes(8, "little")  # block 2: no such state
+    image.write_bytes(raw)
+    disk = open_disk(str(image), "vhdx", read_only=True)
+    result = disk.check()
+    disk.close()
+    assert result.corruptions == 2
+    assert any("share space" in m for m in result.messages)
+    assert any("invalid state 4" in m for m in result.messages)

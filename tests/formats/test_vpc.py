@@ -409,3 +409,20 @@ def test_block_cut_off_by_a_crash_reads_zeros_and_new_blocks_go_after_it(tmp_pat
     expected[5 * MiB : 5 * MiB + 1000] = b"\x35" * 1000
     (tmp_path / "expected.raw").write_bytes(expected)
     assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vpc")
+
+
+def test_check_finds_shared_blocks(tmp_path: Path) -> None:
+    image = tmp_path / "disk.vhd"
+    qemu_img("create", "-q", "-f", "vpc", str(image), "8M")
+    qemu_io(image, "write -P 1 0 1M", "write -P 2 3M 1M")
+    disk = open_disk(str(image), "vpc", read_only=True)
+    assert disk.check().corruptions == 0
+    assert disk.check().allocated_clusters == 2
+    disk.close()
+    raw = bytearray(image.read_bytes())
+    raw[1536 + 4 : 1536 + 8] = raw[1536:1540]  # block 1 points at block 0's place
+    image.write_bytes(raw)
+    disk = open_disk(str(image), "vpc", read_only=True)
+    result = disk.check()
+    disk.close()
+    assert result.corruptions == 1 and "share space" in result.messages[0]
