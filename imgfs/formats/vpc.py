@@ -683,7 +683,7 @@ class VpcDriver(BlockDriver):
         parent_fields = None
         if backing is not None:
             parent_fields = _parent_fields(path, backing)
-        if parent_fields is not None and parent_fields[0] >= size:
+        if parent_fields is not None and parent_fields[0] == size:
             # Same size rule as the parent (a child normally is the parent's size).
             _psize, creator, current, geometry, p_uuid, p_mtime = parent_fields
             current_size = current

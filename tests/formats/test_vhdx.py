@@ -11,6 +11,7 @@ import random
 import shutil
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -476,3 +477,59 @@ def test_check_finds_bad_entries(tmp_path: Path) -> None:
     assert result.corruptions == 2
     assert any("share space" in m for m in result.messages)
     assert any("invalid state 4" in m for m in result.messages)
+
+
+@pytest.mark.parametrize("parent", [False, True])
+def test_concurrent_writes_from_threads(tmp_path: Path, parent: bool) -> None:
+    image = tmp_path / "disk.vhdx"
+    if parent:
+        base = tmp_path / "base.vhdx"
+        qemu_img(
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            "-o",
+            "block_size=1M",
+            str(base),
+            "16M",
+        )
+        qemu_io(base, "write -P 0x66 0 16M")
+        VhdxDriver.create(
+            str(image),
+            qemu_info(base, "vhdx")["virtual-size"],
+            {"backing_file": base.name, "block_size": "1M"},
+        )
+    else:
+        VhdxDriver.create(str(image), 16 * MiB, {"block_size": "1M"})
+    disk = open_disk(str(image), "vhdx")
+    expected = bytearray(disk.read(0, 16 * MiB))
+    plans = []
+    rng = random.Random(11)
+    for t in range(4):
+        # Each thread owns every fourth 64 KiB stripe, so the expected bytes are well defined.
+        ops = []
+        for i in range(60):
+            stripe = rng.randrange(0, 16 * MiB // 65536 // 4) * 4 + t
+            start = stripe * 65536 + rng.randrange(0, 60000)
+            data = bytes([t * 60 + i + 1 & 0xFF]) * rng.randrange(1, 65536 - start % 65536)
+            ops.append((start, data))
+            expected[start : start + len(data)] = data
+        plans.append(ops)
+
+    def run(ops: list) -> None:
+        for start, data in ops:
+            disk.write(start, data)
+
+    threads = [threading.Thread(target=run, args=(ops,)) for ops in plans]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    disk.flush()
+    assert disk.read(0, 16 * MiB) == expected
+    disk.close()
+    assert export(image, tmp_path / "out.raw").read_bytes()[: 16 * MiB] == bytes(expected)
+    again = open_disk(str(image), "vhdx", read_only=True)
+    assert again.check().corruptions == 0
+    again.close()
