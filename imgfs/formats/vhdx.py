@@ -752,6 +752,11 @@ class VhdxDriver(BlockDriver):
             self._set_entry(sb_index, SB_PRESENT, sb_host)
         if fresh:
             host = self._allocate(self._block_size)
+            # Bits a former block here may have left must not claim the new block's sectors.
+            per_block = self._block_size // ls // 8
+            where = sb_host + (block % self._chunk_ratio) * per_block
+            if any(self.file.pread(where, per_block)):
+                self.file.pwrite(where, bytes(per_block))
         self.file.pwrite(host + lo, buf)
         # Set the bits of the written sectors, then (for a new block) the BAT entry.
         first = (block * self._block_size + lo) % chunk_bytes // ls
@@ -763,6 +768,33 @@ class VhdxDriver(BlockDriver):
         self.file.pwrite(sb_host + first // 8, bits)
         if fresh:
             self._set_entry(index, PAYLOAD_PARTIALLY_PRESENT, host)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Dynamic images without a parent: whole blocks become ZERO blocks (BAT entry first,
+        then the hole punched), 4 KiB-aligned parts of other blocks are punched (they read as
+        zeros). Fixed images (LeaveBlocksAllocated) and differencing images keep their data."""
+        if self.read_only:
+            raise ReadOnly(f"{self.file.path}: opened read-only")
+        if self._has_parent or self._leave_allocated:
+            return
+        end = offset + length
+        bs = self._block_size
+        with self._lock:
+            self._begin_write()
+            while offset < end:
+                block, within = divmod(offset, bs)
+                n = min(bs - within, end - offset)
+                index = self._payload_index(block)
+                state, host = self._entry(index)
+                if state == PAYLOAD_FULLY_PRESENT:
+                    if n == bs:
+                        self._set_entry(index, PAYLOAD_ZERO, 0)
+                        self.file.punch_hole(host, bs)
+                    else:
+                        lo, hi = align_up(within, 4096), (within + n) // 4096 * 4096
+                        if lo < hi:
+                            self.file.punch_hole(host + lo, hi - lo)
+                offset += n
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """Blocks that already read as zeros are left alone; others get zeros written."""

@@ -596,6 +596,32 @@ class VpcDriver(BlockDriver):
         self.file.pwrite(self._table_offset + 4 * index, entry.to_bytes(4, "big"))
         self._bat[index] = entry
 
+    def discard(self, offset: int, length: int) -> None:
+        """Dynamic images only: whole blocks are unallocated (BAT entry first, then the hole
+        punched), 4 KiB-aligned parts of other blocks punched (they read as zeros). Fixed and
+        differencing images keep their data."""
+        if self.read_only:
+            raise ReadOnly(f"{self.file.path}: opened read-only")
+        if self._disk_type != DISK_DYNAMIC:
+            return
+        end = offset + length
+        bs = self._block_size
+        while offset < end:
+            index, within = divmod(offset, bs)
+            n = min(bs - within, end - offset)
+            with self._lock:
+                entry = self._bat[index] if index < len(self._bat) else BAT_UNALLOCATED
+                if entry == BAT_UNALLOCATED:
+                    pass
+                elif n == bs:
+                    self._set_bat(index, BAT_UNALLOCATED * SECTOR)
+                    self.file.punch_hole(entry * SECTOR, self._bitmap_size + bs)
+                else:
+                    lo, hi = align_up(within, 4096), (within + n) // 4096 * 4096
+                    if lo < hi:
+                        self.file.punch_hole(entry * SECTOR + self._bitmap_size + lo, hi - lo)
+            offset += n
+
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """Unallocated blocks of a dynamic image already read as zeros: only allocated blocks
         (and every block of a fixed or differencing image) get zeros written."""
@@ -808,6 +834,10 @@ def _basename(name: str) -> str:
     if name.startswith("file://"):
         name = name[len("file://") :]
     return name.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def align_up(value: int, alignment: int) -> int:
+    return -(-value // alignment) * alignment
 
 
 def _bit(bitmap: bytearray, sector: int) -> bool:

@@ -483,3 +483,26 @@ def test_concurrent_writes_from_threads(tmp_path: Path, parent: bool) -> None:
     again = open_disk(str(image), "vpc", read_only=True)
     assert again.check().corruptions == 0
     again.close()
+
+
+def test_discard_frees_space_and_reads_zeros(tmp_path: Path) -> None:
+    image = tmp_path / "disk.vhd"
+    VpcDriver.create(str(image), 8 * MiB, {"force_size": "on", "block_size": "1M"})
+    disk = open_disk(str(image), "vpc")
+    disk.write(0, b"\x5a" * 8 * MiB)
+    disk.flush()
+    used = image.stat().st_blocks
+    disk.discard(MiB, 3 * MiB + 5000)  # two whole blocks and parts of two others
+    disk.close()
+    expected = bytearray(b"\x5a" * 8 * MiB)
+    expected[MiB : 4 * MiB + 4096] = bytes(3 * MiB + 4096)  # the 4 KiB-aligned part of the last
+    (tmp_path / "expected.raw").write_bytes(expected)
+    assert image.stat().st_blocks <= used - (3 * MiB - 64 * 1024) // 512
+    assert_qemu_check_clean(image, "vpc")
+    assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vpc")
+    disk = open_disk(str(image), "vpc")
+    disk.write(2 * MiB + 10, b"\x01" * 10)  # a discarded block comes back
+    disk.close()
+    expected[2 * MiB + 10 : 2 * MiB + 20] = b"\x01" * 10
+    (tmp_path / "expected.raw").write_bytes(expected)
+    assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vpc")
