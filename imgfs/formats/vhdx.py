@@ -809,7 +809,17 @@ class VhdxDriver(BlockDriver):
             reads_zero = state == PAYLOAD_ZERO or (
                 not self._has_parent and state not in (PAYLOAD_FULLY_PRESENT,)
             )
-            if not reads_zero:
+            if reads_zero:
+                pass
+            elif (
+                may_unmap
+                and n == bs
+                and state == PAYLOAD_FULLY_PRESENT
+                and not self._has_parent
+                and not self._leave_allocated
+            ):
+                self.discard(offset, n)  # a ZERO block
+            else:
                 super().write_zeroes(offset, n, may_unmap)
             offset += n
 

@@ -636,7 +636,10 @@ class VpcDriver(BlockDriver):
             index, within = divmod(offset, bs)
             n = min(bs - within, end - offset)
             if index < len(self._bat) and self._bat[index] != BAT_UNALLOCATED:
-                super().write_zeroes(offset, n, may_unmap)
+                if may_unmap and n == bs:
+                    self.discard(offset, n)  # an unallocated block reads as zeros
+                else:
+                    super().write_zeroes(offset, n, may_unmap)
             offset += n
 
     # -- management -----------------------------------------------------------------------------

@@ -506,3 +506,20 @@ def test_discard_frees_space_and_reads_zeros(tmp_path: Path) -> None:
     expected[2 * MiB + 10 : 2 * MiB + 20] = b"\x01" * 10
     (tmp_path / "expected.raw").write_bytes(expected)
     assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vpc")
+
+
+def test_write_zeroes_with_unmap_frees_whole_blocks(tmp_path: Path) -> None:
+    image = tmp_path / "disk.vhd"
+    VpcDriver.create(str(image), 4 * MiB, {"block_size": "1M"})
+    disk = open_disk(str(image), "vpc")
+    size = disk.size
+    disk.write(0, b"\x5a" * size)
+    disk.flush()
+    used = image.stat().st_blocks
+    disk.write_zeroes(MiB - 100, 2 * MiB + 200, may_unmap=True)
+    disk.close()
+    assert image.stat().st_blocks <= used - (2 * MiB - 64 * 1024) // 512
+    expected = bytearray(b"\x5a" * size)
+    expected[MiB - 100 : 3 * MiB + 100] = bytes(2 * MiB + 200)
+    (tmp_path / "expected.raw").write_bytes(expected)
+    assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vpc")
