@@ -121,6 +121,8 @@ MAX_VIRTUAL_SIZE = 64 * TiB
 MAX_TABLE_ENTRIES = 2047
 MAX_LOG_SIZE = 64 * MiB  # dirty logs larger than this are refused rather than read into memory
 MAX_METADATA_ITEM = 1 * MiB
+# How far a log entry may grow the file (it records the file's new end).
+MAX_LOG_GROWTH = 1 << 40
 # Blocks a crash may leave past the end of the file; BAT entries further out are corrupt.
 PAST_EOF_BLOCKS = 64
 
@@ -457,7 +459,11 @@ class VhdxDriver(BlockDriver):
         for off in sequence:
             h = entries[off]
             seq, count = h[4], h[5]
+            if h[9] > size + MAX_LOG_GROWTH:
+                raise CorruptImage(f"{path}: log entry at {off} grows the file to {h[9]} bytes")
             last_file_offset = max(last_file_offset, h[9])
+            # Every change must land inside the file as the entry leaves it.
+            limit = max(size, h[9])
             desc_area = align_up(64 + 32 * count, 4096)
             if desc_area > h[2]:
                 raise CorruptImage(f"{path}: log entry at {off} has {count} descriptors, too many")
@@ -468,13 +474,20 @@ class VhdxDriver(BlockDriver):
                     raise CorruptImage(f"{path}: log descriptor sequence {dseq} != entry {seq}")
                 if sig == b"zero":
                     zero_length = int.from_bytes(b, "little")
-                    if file_offset % 4096 or zero_length % 4096:
-                        raise CorruptImage(f"{path}: log zero descriptor at {file_offset} is off")
-                    for p in range(file_offset, file_offset + zero_length, 4096):
-                        pages.pop(p, None)
+                    if (
+                        file_offset % 4096
+                        or zero_length % 4096
+                        or file_offset + zero_length > limit
+                    ):
+                        raise CorruptImage(
+                            f"{path}: log zero descriptor at {file_offset} length {zero_length} "
+                            "is misaligned or past the end of the file"
+                        )
+                    for p in [p for p in pages if file_offset <= p < file_offset + zero_length]:
+                        del pages[p]
                     zeros.append((file_offset, zero_length))
                 elif sig == b"desc":
-                    if data_at + 4096 > off + h[2] or file_offset % 4096:
+                    if data_at + 4096 > off + h[2] or file_offset % 4096 or file_offset >= limit:
                         raise CorruptImage(f"{path}: log data descriptor {i} is out of place")
                     dsig, high, payload, low = LOG_DATA.unpack_from(log, data_at)
                     if dsig != b"data" or (high << 32 | low) != seq:

@@ -573,3 +573,78 @@ def test_write_zeroes_with_unmap_frees_whole_blocks(tmp_path: Path) -> None:
     expected[MiB - 100 : 3 * MiB + 100] = bytes(2 * MiB + 200)
     (tmp_path / "expected.raw").write_bytes(expected)
     assert_qemu_compare_identical(image, tmp_path / "expected.raw", "vhdx")
+
+
+def make_dirty(image: Path, descriptors: list[tuple], last_file_offset: int) -> None:
+    """Give a qemu-made image a one-entry log: descriptors are ("data", file_offset, page) or
+    ("zero", file_offset, length). Built from MS-VHDX's layout, so qemu's replay checks it."""
+    from imgfs.formats.vhdx import HEADER, LOG_DESCRIPTOR, LOG_HEADER, with_crc
+
+    raw = bytearray(image.read_bytes())
+    log_guid = bytes(range(1, 17))
+    seq = 7
+    desc_area = -(-(64 + 32 * len(descriptors)) // 4096) * 4096
+    pages = [d for d in descriptors if d[0] == "data"]
+    entry = bytearray(desc_area + 4096 * len(pages))
+    data_at = desc_area
+    for i, d in enumerate(descriptors):
+        if d[0] == "zero":
+            desc = LOG_DESCRIPTOR.pack(b"zero", bytes(4), d[2].to_bytes(8, "little"), d[1], seq)
+        else:
+            page = d[2]
+            desc = LOG_DESCRIPTOR.pack(b"desc", page[4092:], page[:8], d[1], seq)
+            entry[data_at : data_at + 4096] = (
+                b"data" + (seq >> 32).to_bytes(4, "little") + page[8:4092]
+                + (seq & 0xFFFFFFFF).to_bytes(4, "little")
+            )  # fmt: skip
+            data_at += 4096
+        entry[64 + 32 * i : 96 + 32 * i] = desc
+    LOG_HEADER.pack_into(entry, 0, b"loge", 0, len(entry), 0, seq, len(descriptors), 0,
+                         log_guid, last_file_offset, last_file_offset)  # fmt: skip
+    entry = with_crc(entry)
+    for h in (64 * 1024, 128 * 1024):
+        fields = list(HEADER.unpack_from(raw, h))
+        fields[5] = log_guid
+        raw[h : h + 4096] = with_crc(HEADER.pack(*fields).ljust(4096, b"\0"))
+        log_offset = fields[9]
+    raw[log_offset : log_offset + len(entry)] = entry
+    image.write_bytes(raw)
+
+
+def test_crafted_log_replays_like_qemu(tmp_path: Path) -> None:
+    image = tmp_path / "disk.vhdx"
+    qemu_img("create", "-q", "-f", "vhdx", "-o", "block_size=1M", str(image), "8M")
+    qemu_io(image, "write -P 0x31 0 2M")
+    (entry,) = struct.unpack_from("<Q", image.read_bytes(), 2 * MiB)
+    block0 = (entry >> 20) << 20
+    size = image.stat().st_size
+    make_dirty(image, [("data", block0 + 8192, bytes(range(256)) * 16),
+                       ("zero", block0 + 65536, 8192),
+                       ("data", block0 + 69632, b"\x77" * 4096)], size)  # fmt: skip
+    reference = tmp_path / "ref.vhdx"
+    shutil.copyfile(image, reference)
+    qemu_img("check", "-q", "-r", "all", "-f", "vhdx", str(reference))
+    expected = qemu_img("convert", "-f", "vhdx", "-O", "raw", str(reference),
+                        str(tmp_path / "ref.raw")) and (tmp_path / "ref.raw")  # fmt: skip
+    data = expected.read_bytes()
+    assert data[8192:12288] == bytes(range(256)) * 16 and data[65536:69632] == bytes(4096)
+    assert data[69632:73728] == b"\x77" * 4096
+    # Read-only: replayed in memory, file untouched.
+    before = sha256_file(image)
+    assert export(image, tmp_path / "ro.raw").read_bytes() == data
+    assert sha256_file(image) == before
+    # Writable: replayed into the file; qemu then reads it without a replay of its own.
+    disk = open_disk(str(image), "vhdx")
+    disk.close()
+    assert_qemu_compare_identical(image, expected, "vhdx")
+    assert_qemu_check_clean(image, "vhdx")
+
+
+def test_hostile_log_is_rejected_fast(tmp_path: Path) -> None:
+    image = tmp_path / "disk.vhdx"
+    qemu_img("create", "-q", "-f", "vhdx", str(image), "8M")
+    make_dirty(image, [("zero", 1 << 20, 1 << 62)], image.stat().st_size)
+    start = time.monotonic()
+    with pytest.raises(CorruptImage, match="zero descriptor"):
+        open_disk(str(image), "vhdx", read_only=True)
+    assert time.monotonic() - start < 1
