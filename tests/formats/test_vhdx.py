@@ -117,7 +117,12 @@ def test_qemu_created_images_export_like_qemu(tmp_path: Path, opts: str) -> None
 
 @pytest.mark.parametrize(
     "opts",
-    ["", "subformat=fixed", "block_state_zero=off", "block_size=1M,log_size=2M"],
+    [
+        "",
+        "subformat=fixed",
+        pytest.param("block_state_zero=off", marks=pytest.mark.slow),
+        "block_size=1M,log_size=2M",
+    ],
 )
 @pytest.mark.parametrize("creator", ["qemu-img", "imgfs"])
 def test_random_writes_pass_qemu_check_and_compare(tmp_path: Path, opts: str, creator: str) -> None:

@@ -95,7 +95,15 @@ def test_qemu_created_images_export_like_qemu(
 
 
 @pytest.mark.parametrize(
-    "size", [1, 512, 10 * MiB, 100_000_000, 200 * 1024 * MiB, 2040 * 1024 * MiB]
+    "size",
+    [
+        1,
+        pytest.param(512, marks=pytest.mark.slow),
+        pytest.param(10 * MiB, marks=pytest.mark.slow),
+        100_000_000,
+        200 * 1024 * MiB,
+        2040 * 1024 * MiB,
+    ],
 )
 @pytest.mark.parametrize("force_size", ["off", "on"])
 def test_create_sizes_match_qemu_img(tmp_path: Path, size: int, force_size: str) -> None:
