@@ -100,9 +100,9 @@ make_image disk.vmdk      convert_to vmdk
 make_image disk-stream.vmdk convert_to vmdk -o subformat=streamOptimized
 # (not monolithicFlat or twoGbMaxExtent*: renaming the temporary file would break the extent
 # names their descriptors hold)
-# make_image disk.vhd       convert_to vpc -o force_size=on  # add when the vpc driver lands
+make_image disk.vhd       convert_to vpc -o force_size=on
 #                           # (without force_size qemu rounds the size up to a CHS geometry)
-# make_image disk.vhdx      convert_to vhdx                  # add when the vhdx driver lands
+make_image disk.vhdx      convert_to vhdx
 make_image disk.vdi       convert_to vdi
 make_image disk.qed       convert_to qed
 make_image disk.hds       convert_to parallels

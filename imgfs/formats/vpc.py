@@ -152,6 +152,9 @@ def parse_size(key: str, value: str) -> int:
 
 class VpcDriver(BlockDriver):
     format_name = "vpc"
+    runtime_options = {
+        "force_size_calc": "chs or current_size: how the disk size is taken (default: as qemu)"
+    }
     supports_write = True
 
     create_options = {
