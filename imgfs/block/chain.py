@@ -8,6 +8,7 @@ must not make imgfs read ``/etc/shadow`` on its behalf.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
@@ -90,7 +91,7 @@ def open_chain(
             if parent is None:
                 top = driver
             else:
-                parent.backing = driver
+                _attach(parent, driver)
             parent = driver
             spec = driver.backing_spec
             if spec is None:
@@ -107,6 +108,23 @@ def open_chain(
             close_chain(top)
         raise
     raise AssertionError("unreachable")
+
+
+def _attach(overlay: BlockDriver, backing: BlockDriver) -> None:
+    """Hand the freshly opened ``backing`` to ``overlay``, which may refuse it. When the overlay
+    raises before linking it, the backing image is not yet part of the chain that the caller
+    closes, so it is closed here."""
+    try:
+        overlay.attach_backing(backing)
+        if overlay.backing is not backing:  # an override that forgot super().attach_backing()
+            raise AssertionError(
+                f"{overlay.format_name} driver: attach_backing() did not link {backing.file.path}"
+            )
+    except BaseException:
+        if overlay.backing is not backing:
+            with contextlib.suppress(Exception):  # the refusal is the error worth reporting
+                backing.close()
+        raise
 
 
 def _open_one(

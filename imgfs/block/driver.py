@@ -6,8 +6,9 @@ The layers around it are generic and composed by :mod:`imgfs.block.chain` and
 
 * the host-file backend (:class:`~imgfs.block.hostfile.HostFile`) under it does the I/O and
   applies O_DIRECT / no-flush from the cache mode;
-* its backing image, if any, is another opened driver set as ``self.backing`` by the chain
-  layer (read-only, format pinned, depth-capped, names resolved inside the images directory);
+* its backing image, if any, is another opened driver handed to :meth:`BlockDriver.attach_backing`
+  by the chain layer, which keeps it as ``self.backing`` (read-only, format pinned,
+  depth-capped, names resolved inside the images directory);
 * the :class:`~imgfs.block.disk.Disk` above it clamps requests to the virtual size, applies
   writethrough, and serialises and deduplicates flushes.
 
@@ -188,7 +189,7 @@ class BlockDriver(ABC):
     #: FUSE layer may serve them inline on the trio thread.
     cheap_reads: ClassVar[bool] = True
 
-    #: Set by the chain layer after open: the backing image, opened read-only.
+    #: The backing image, opened read-only; set by :meth:`attach_backing`.
     backing: BlockDriver | None = None
 
     def __init__(self, file: HostFile, options: OpenOptions) -> None:
@@ -249,6 +250,17 @@ class BlockDriver(ABC):
     def backing_spec(self) -> BackingSpec | None:
         """The backing image this one names, if any."""
         return None
+
+    def attach_backing(self, backing: BlockDriver) -> None:
+        """Take ``backing`` as this image's backing image (``self.backing``).
+
+        Called by the chain layer once the backing image named by ``backing_spec`` is open, so a
+        driver can validate it (the parent's UUID/GUID, its size...) and raise CorruptImage
+        quoting both values. An override checks first and then calls
+        ``super().attach_backing(backing)``; on failure the chain layer closes both images,
+        whether or not the backing image was linked.
+        """
+        self.backing = backing
 
     # -- data -----------------------------------------------------------------------------------
 

@@ -186,7 +186,6 @@ class VhdxDriver(BlockDriver):
         self._parent_linkage = ""
         self._parent_linkage2 = ""
         self._backing_name: str | None = None
-        self._backing: BlockDriver | None = None
         self._file_end = 0
         self._write_started = False
 
@@ -552,23 +551,17 @@ class VhdxDriver(BlockDriver):
 
     # -- the parent -----------------------------------------------------------------------------
 
-    @property  # type: ignore[override]
-    def backing(self) -> BlockDriver | None:
-        return self._backing
-
-    @backing.setter
-    def backing(self, parent: BlockDriver | None) -> None:
-        # Linked first, so a failed check still closes the parent with the chain.
-        self._backing = parent
-        if isinstance(parent, VhdxDriver) and self._parent_linkage:
-            theirs = "{" + str(uuid.UUID(bytes_le=bytes(parent._header[4]))) + "}"
+    def attach_backing(self, backing: BlockDriver) -> None:
+        if isinstance(backing, VhdxDriver) and self._parent_linkage:
+            theirs = "{" + str(uuid.UUID(bytes_le=bytes(backing._header[4]))) + "}"
             wanted = {g.lower() for g in (self._parent_linkage, self._parent_linkage2) if g}
             if theirs.lower() not in wanted:
                 raise CorruptImage(
-                    f"{self.file.path}: parent {parent.file.path} has data write GUID {theirs}, "
+                    f"{self.file.path}: parent {backing.file.path} has data write GUID {theirs}, "
                     f"not the {self._parent_linkage} this image was made from (the parent "
                     "changed since)"
                 )
+        super().attach_backing(backing)
 
     # -- geometry -------------------------------------------------------------------------------
 

@@ -182,7 +182,6 @@ class VpcDriver(BlockDriver):
         self._parent_candidates: list[str] = []
         self._backing_name: str | None = None
         self._parent_uuid = bytes(16)
-        self._backing: BlockDriver | None = None
         self._bitmaps: OrderedDict[int, bytearray] = OrderedDict()
 
     # -- discovery ------------------------------------------------------------------------------
@@ -373,20 +372,15 @@ class VpcDriver(BlockDriver):
 
     # -- the parent -----------------------------------------------------------------------------
 
-    @property  # type: ignore[override]
-    def backing(self) -> BlockDriver | None:
-        return self._backing
-
-    @backing.setter
-    def backing(self, parent: BlockDriver | None) -> None:
-        self._backing = parent
-        if isinstance(parent, VpcDriver) and self._parent_uuid != bytes(16):
-            theirs = FOOTER.unpack(parent._footer)[15]
+    def attach_backing(self, backing: BlockDriver) -> None:
+        if isinstance(backing, VpcDriver) and self._parent_uuid != bytes(16):
+            theirs = FOOTER.unpack(backing._footer)[15]
             if theirs != self._parent_uuid:
                 self._notes.append(
-                    f"parent {parent.file.path} has UUID {uuid.UUID(bytes=theirs)}, not the "
+                    f"parent {backing.file.path} has UUID {uuid.UUID(bytes=theirs)}, not the "
                     f"{uuid.UUID(bytes=self._parent_uuid)} this image names (read anyway)"
                 )
+        super().attach_backing(backing)
 
     # -- geometry -------------------------------------------------------------------------------
 

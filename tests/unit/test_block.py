@@ -13,11 +13,11 @@ import pytest
 
 from imgfs.block import chain, registry
 from imgfs.block.disk import Disk, open_disk
-from imgfs.block.driver import RepairMode
+from imgfs.block.driver import BackingSpec, BlockDriver, ProbeInput, RepairMode
 from imgfs.block.extent import Allocation
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import CorruptImage, NoSpace, NotPermitted, ReadOnly, Unsupported
-from tests.toyformat import SECTOR, make_toy
+from tests.toyformat import SECTOR, ToyDriver, make_toy
 
 
 def raw_file(path: Path, size: int = 1 << 20, data: bytes | None = None) -> bytes:
@@ -275,6 +275,96 @@ def test_open_failure_closes_what_was_opened(tmp_path: Path) -> None:
     with pytest.raises(CorruptImage, match="bad virtual size 3"):
         open_disk(str(tmp_path / "a.toy"))
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+class PickyToy(ToyDriver):
+    """A toy that, like vhdx checking its parent's GUID, refuses a backing image whose size is
+    not its own. ``link_first`` links before checking; ``forget_link`` never links."""
+
+    format_name = "picky"
+    link_first = False
+    forget_link = False
+
+    @classmethod
+    def probe(cls, probe: ProbeInput) -> int:
+        return 0  # only opened when named (by the test or a .picky backing name)
+
+    @property
+    def backing_spec(self) -> BackingSpec | None:
+        spec = super().backing_spec
+        if spec is None:
+            return None
+        fmt = {".picky": "picky", ".vmdk": "vmdk"}.get(os.path.splitext(spec.filename)[1])
+        return BackingSpec(spec.filename, fmt)
+
+    def attach_backing(self, backing: BlockDriver) -> None:
+        if self.forget_link:
+            return
+        if self.link_first:
+            super().attach_backing(backing)
+        if backing.virtual_size != self.virtual_size:
+            raise CorruptImage(
+                f"{self.file.path}: backing image is {backing.virtual_size} bytes, "
+                f"not {self.virtual_size}"
+            )
+        super().attach_backing(backing)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def picky(monkeypatch: pytest.MonkeyPatch) -> type[PickyToy]:
+    registry.all_drivers()  # load the real ones first
+    monkeypatch.setitem(registry._DRIVERS, PickyToy.format_name, PickyToy)
+    return PickyToy
+
+
+@pytest.mark.parametrize("link_first", [False, True])
+def test_refused_backing_closes_every_file(
+    tmp_path: Path, picky: type[PickyToy], monkeypatch: pytest.MonkeyPatch, link_first: bool
+) -> None:
+    monkeypatch.setattr(picky, "link_first", link_first)
+    # A backing image with a companion file (descriptor + flat extent), refused by the top.
+    registry.get_driver("vmdk").create(
+        str(tmp_path / "base.vmdk"), 4 * SECTOR, {"subformat": "monolithicFlat"}
+    )
+    assert (tmp_path / "base-flat.vmdk").exists()
+    make_toy(tmp_path / "top.picky", 8 * SECTOR, "base.vmdk")
+    # Refused one layer down: top and mid are linked, the refused base is not (yet).
+    raw_file(tmp_path / "base.img", 8 * SECTOR)
+    make_toy(tmp_path / "mid.picky", 4 * SECTOR, "base.img")
+    make_toy(tmp_path / "top2.picky", 4 * SECTOR, "mid.picky")
+    before = open_fds()
+    with pytest.raises(CorruptImage, match="backing image is 2048 bytes, not 4096"):
+        open_disk(str(tmp_path / "top.picky"), "picky")
+    assert open_fds() == before
+    with pytest.raises(CorruptImage, match="backing image is 4096 bytes, not 2048"):
+        open_disk(str(tmp_path / "top2.picky"), "picky")
+    assert open_fds() == before
+    # An accepted backing image is linked and closed with the disk.
+    make_toy(tmp_path / "ok.picky", 4 * SECTOR, "base.vmdk")
+    disk = open_disk(str(tmp_path / "ok.picky"), "picky")
+    try:
+        assert open_fds() == before + 3
+        assert disk.top.backing is not None and disk.top.backing.format_name == "vmdk"
+        assert bytes(disk.read(0, 4 * SECTOR)) == bytes(4 * SECTOR)
+    finally:
+        disk.close()
+    assert open_fds() == before
+
+
+def test_attach_backing_that_forgets_to_link_is_caught(
+    tmp_path: Path, picky: type[PickyToy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(picky, "forget_link", True)
+    make_toy(tmp_path / "base.toy", 4 * SECTOR)
+    make_toy(tmp_path / "top.picky", 4 * SECTOR, "base.toy")
+    before = open_fds()
+    with pytest.raises(AssertionError, match="did not link"):
+        open_disk(str(tmp_path / "top.picky"), "picky")
+    assert open_fds() == before
 
 
 def test_disk_flush_covers_every_layer_written(tmp_path: Path) -> None:
