@@ -221,7 +221,8 @@ class ParallelsHddDriver(BlockDriver):
                     host.close()
                     raise
                 self._all.append(part)
-                part.backing = below
+                if below is not None:
+                    part.attach_backing(below)
                 if kind == "Compressed" and part.virtual_size < storage.end - storage.start:
                     raise CorruptImage(
                         f"{self.file.path}: {name} holds {part.virtual_size} bytes, its storage "
