@@ -28,7 +28,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-IMGFS = HERE.parent / ".venv" / "bin" / "imgfs"
+# The imgfs measured is the checkout holding this script (a worktree has no .venv of its own:
+# IMGFS_PYTHON names the interpreter, e.g. the main checkout's venv).
+PYTHON = os.environ.get("IMGFS_PYTHON", str(HERE.parent / ".venv" / "bin" / "python"))
+IMGFS = [PYTHON, "-m", "imgfs"]
+IMGFS_ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}
 
 # format -> (qemu-img create/convert format, -o options, writable in both peers)
 FORMATS: dict[str, tuple[str, str, bool]] = {
@@ -43,8 +47,11 @@ FORMATS: dict[str, tuple[str, str, bool]] = {
     "vdi": ("vdi", "", True),
     "parallels": ("parallels", "", True),
     "cloop": ("cloop", "", False),
+    "dmg": ("dmg", "", False),
 }
-COMPRESSED = {"qcow2-zlib", "cloop"}
+COMPRESSED = {"qcow2-zlib", "cloop", "dmg"}
+# QEMU opens these read-only or not at all: the qsd blockdevs need read-only=on.
+READ_ONLY_DRIVERS = {"cloop", "dmg"}
 READS = ["seqR-1M", "seqR-1M-d1", "randR-16k-d1"]
 WRITES = ["seqW-1M-d1", "randW-16k-d1"]
 
@@ -88,6 +95,9 @@ def make_image(
                 f"create_compressed_fs -q -B 65536 {src} {full} 2>/dev/null || create_compressed_fs -B 65536 {src} {full}",
             ]
         )
+    elif name == "dmg":
+        # zlib chunks of 1 MiB (hdiutil's UDZO layout); QEMU 7.2 reads zlib dmg.
+        run([sys.executable, str(HERE / "make_dmg.py"), str(src), str(full)])
     else:
         cmd = ["qemu-img", "convert", "-f", "raw", "-O", fmt] + (["-o", opts] if opts else [])
         if name in COMPRESSED:
@@ -121,7 +131,7 @@ class Peer:
             self.mnt = self.mdir / "mnt"
             self.mnt.mkdir()
             cmd = [
-                str(IMGFS),
+                *IMGFS,
                 "mount",
                 "--foreground",
                 "--log",
@@ -133,18 +143,20 @@ class Peer:
         else:
             self.mnt = self.mdir / "export"
             self.mnt.touch()
+            ro = ",read-only=on" if self.fmt in READ_ONLY_DRIVERS else ""
             cmd = [
                 "qemu-storage-daemon",
                 "--blockdev",
-                f"driver=file,node-name=f,filename={link}",
+                f"driver=file,node-name=f,filename={link}{ro}",
                 "--blockdev",
-                f"driver={self.fmt},node-name=q,file=f",
+                f"driver={self.fmt},node-name=q,file=f{ro}",
                 "--export",
                 f"type=fuse,id=e,node-name=q,mountpoint={self.mnt},writable={'on' if self.writable else 'off'}",
             ]
             exported = self.mnt
         self.proc = subprocess.Popen(
             cmd,
+            env=IMGFS_ENV if self.kind == "imgfs" else None,
             stdout=subprocess.DEVNULL,
             stderr=open(self.mdir / "peer.log", "w"),
             start_new_session=True,
@@ -169,7 +181,7 @@ class Peer:
     def __exit__(self, *exc: object) -> None:
         assert self.proc is not None
         if self.kind == "imgfs":
-            subprocess.run([str(IMGFS), "umount", str(self.mnt)], capture_output=True)
+            subprocess.run([*IMGFS, "umount", str(self.mnt)], capture_output=True, env=IMGFS_ENV)
         else:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -230,6 +242,9 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = Path(tempfile.mkdtemp(prefix="imgfs-fmtbench-", dir="/tmp"))
     rows: list[tuple[int, str, str, str, float]] = []
+    # Others may share the machine: the load is part of the record (the peers run side by side,
+    # so their ratios stay comparable).
+    load_before = os.getloadavg()
     try:
         print(f"making sources ({args.size}) in {work}", file=sys.stderr)
         sources = make_sources(work, size)
@@ -269,7 +284,12 @@ def main() -> int:
         + "".join(f"{r}\t{p}\t{n}\t{w}\t{v:.1f}\n" for r, p, n, w, v in rows)
     )
     workloads = READS + WRITES
+    load_after = os.getloadavg()
     lines = [
+        f"load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/"
+        f"{load_before[2]:.2f}, after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}; "
+        f"size {args.size}, {args.reps} reps x {args.runtime} s, medians",
+        "",
         "| format | peer | "
         + " | ".join(f"{w} {'IOPS' if '16k' in w else 'MB/s'}" for w in workloads)
         + " |",
