@@ -92,7 +92,8 @@ def make_image(
             [
                 "bash",
                 "-c",
-                f"create_compressed_fs -q -B 65536 {src} {full} 2>/dev/null || create_compressed_fs -B 65536 {src} {full}",
+                f"create_compressed_fs -q -B 65536 {src} {full} 2>/dev/null"
+                f" || create_compressed_fs -B 65536 {src} {full}",
             ]
         )
     elif name == "dmg":
@@ -115,8 +116,10 @@ def make_image(
 
 
 class Peer:
-    def __init__(self, kind: str, image: Path, fmt: str, mdir: Path, writable: bool) -> None:
-        self.kind, self.image, self.fmt, self.mdir, self.writable = kind, image, fmt, mdir, writable
+    def __init__(self, peer: str, image: Path, fmt: str, mdir: Path, writable: bool) -> None:
+        # "imgfs:OPTS" is imgfs mounted with -o OPTS (e.g. imgfs:read-ahead=0), for A/B runs.
+        self.kind, _, self.opts = peer.partition(":")
+        self.image, self.fmt, self.mdir, self.writable = image, fmt, mdir, writable
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Path:
@@ -136,6 +139,7 @@ class Peer:
                 "--foreground",
                 "--log",
                 str(self.mdir / "imgfs.log"),
+                *(["-o", self.opts] if self.opts else []),
                 str(imgdir),
                 str(self.mnt),
             ]
@@ -151,7 +155,8 @@ class Peer:
                 "--blockdev",
                 f"driver={self.fmt},node-name=q,file=f{ro}",
                 "--export",
-                f"type=fuse,id=e,node-name=q,mountpoint={self.mnt},writable={'on' if self.writable else 'off'}",
+                f"type=fuse,id=e,node-name=q,mountpoint={self.mnt},"
+                f"writable={'on' if self.writable else 'off'}",
             ]
             exported = self.mnt
         self.proc = subprocess.Popen(
@@ -228,7 +233,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=3)
     ap.add_argument("--formats", default=",".join(FORMATS))
-    ap.add_argument("--peers", default="qsd,imgfs")
+    ap.add_argument(
+        "--peers", default="qsd,imgfs", help="qsd, imgfs, imgfs:MOUNT-OPTS (comma-separated)"
+    )
     args = ap.parse_args()
     size = (
         int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1]]
@@ -255,7 +262,7 @@ def main() -> int:
                 order = peers if rep % 2 == 0 else peers[::-1]
                 for peer in order:
                     with Peer(
-                        peer, full, fmt, work / f"m{rep}-{peer}-{name}-r", writable=False
+                        peer, full, fmt, work / f"m{rep}-{len(rows)}-{name}-r", writable=False
                     ) as f:
                         for w in READS:
                             v = fio(f, w, args.runtime, size)
@@ -266,7 +273,7 @@ def main() -> int:
                     copy = work / f"w{rep}-{peer}-{empty.name}"
                     shutil.copyfile(empty, copy)
                     with Peer(
-                        peer, copy, fmt, work / f"m{rep}-{peer}-{name}-w", writable=True
+                        peer, copy, fmt, work / f"m{rep}-{len(rows)}-{name}-w", writable=True
                     ) as f:
                         for w in WRITES:
                             v = fio(f, w, args.runtime, size)

@@ -125,6 +125,8 @@ MAX_SECTORS = (1 << 63) // SECTOR
 LZMA_MEMLIMIT = 256 * 1024 * 1024
 # Streaming decode step: a small read decodes up to the next multiple of this, not the chunk.
 STREAM_STEP = 64 * 1024
+# ... reading the compressed bytes in pieces of this size.
+STREAM_INPUT = 128 * 1024
 # Sequential reads: chunks decoded ahead on other threads, and the smallest chunk worth the hop.
 READ_AHEAD_CHUNKS = 2
 READ_AHEAD_MIN_BYTES = 128 * 1024
@@ -296,21 +298,30 @@ def lzfse_raw_size(src: bytes) -> int:
 class DecodedChunk:
     """One compressed chunk, decoded front to back only as far as reads have needed.
 
-    A random read decodes on average half a chunk (QEMU decodes all of it); the next read
-    further into the chunk carries on from where the decoder stopped. zlib, bzip2 and lzma
-    stream; ADC and LZFSE decode whole at the first read. The length is the decoded size, so a
-    cache can budget the chunk before it is filled.
+    A random read decodes on average half a chunk (QEMU decodes all of it) and reads only the
+    compressed bytes that takes, in pieces of STREAM_INPUT; the next read further into the
+    chunk carries on from where the decoder stopped. zlib, bzip2 and lzma stream; ADC and LZFSE
+    decode whole at the first read. The length is the decoded size, so a cache can budget the
+    chunk before it is filled (a partly decoded chunk also holds up to one input piece and the
+    decoder's state).
     """
 
-    __slots__ = ("_lock", "_buf", "_filled", "_size", "_kind", "_decoder", "_tail", "_where")
+    __slots__ = (
+        "_lock", "_buf", "_filled", "_size", "_kind", "_decoder", "_tail", "_file", "_offset",
+        "_length", "_fed", "_where",
+    )  # fmt: skip
 
-    def __init__(self, kind: int, src: bytes | bytearray | memoryview, size: int, where: str):
+    def __init__(self, kind: int, file: HostFile, offset: int, length: int, size: int, where: str):
         self._lock = threading.Lock()
         self._buf: bytes | bytearray = b""
         self._filled = 0
         self._size = size
         self._kind = kind
-        self._tail = src
+        self._file = file
+        self._offset = offset  # compressed bytes in the image file
+        self._length = length
+        self._fed = 0  # compressed bytes read so far
+        self._tail: bytes | memoryview = b""  # read but not yet consumed (zlib)
         self._where = where
         self._decoder: Any = None
         if kind == CT_ZLIB:
@@ -324,7 +335,8 @@ class DecodedChunk:
         return self._size
 
     def upto(self, end: int) -> bytes | bytearray:
-        """The decoded bytes, valid at least up to ``end`` (the buffer may be longer)."""
+        """The decoded bytes, valid at least up to ``end`` (the buffer may be longer).
+        Host read errors pass through; bad compressed data raises CorruptImage."""
         if self._filled >= end:
             return self._buf
         with self._lock:
@@ -339,10 +351,16 @@ class DecodedChunk:
                     raise Unsupported(f"{self._where}: {e}") from None
             return self._buf
 
+    def _read_input(self, limit: int) -> bytes | memoryview:
+        n = min(limit, self._length - self._fed)
+        data = self._file.pread(self._offset + self._fed, n) if n else b""
+        self._fed += n
+        return data
+
     def _fill(self, end: int) -> None:
         size = self._size
         if self._decoder is None:  # ADC, LZFSE: all at once
-            src = bytes(self._tail)
+            src = bytes(self._read_input(self._length))
             if self._kind == CT_LZFSE:
                 declared = lzfse_raw_size(src)
                 if declared > size:
@@ -354,32 +372,52 @@ class DecodedChunk:
             return
         # Decode in steps of at least STREAM_STEP so that small reads do not each pay a call.
         target = min(size, -(-end // STREAM_STEP) * STREAM_STEP)
-        if self._filled == 0 and target == size:
-            data = self._decoder.decompress(self._tail, size)
-            self._finish(data)
+        decoder = self._decoder
+        if self._filled == 0 and target == size:  # the whole chunk: one read, one call
+            self._finish(decoder.decompress(self._read_input(self._length), size))
             return
         if not self._filled:
             self._buf = bytearray(size)
         buf = self._buf
         assert isinstance(buf, bytearray)
+        zlib_stream = self._kind == CT_ZLIB
+        stalls = 0
         while self._filled < target:
-            piece = self._decoder.decompress(self._tail, target - self._filled)
-            self._tail = self._decoder.unconsumed_tail if self._kind == CT_ZLIB else b""
-            if not piece:
+            if decoder.eof:
                 raise CorruptImage(f"decompressed to {self._filled} bytes, expected {size}")
+            if zlib_stream:
+                if not self._tail:
+                    self._tail = self._read_input(STREAM_INPUT)
+                fed = bool(self._tail)
+                piece = decoder.decompress(self._tail, target - self._filled)
+                self._tail = decoder.unconsumed_tail
+            else:  # bz2, lzma keep unconsumed input inside the decoder
+                data_in = self._read_input(STREAM_INPUT) if decoder.needs_input else b""
+                fed = bool(data_in) or not decoder.needs_input
+                piece = decoder.decompress(data_in, target - self._filled)
+            if not piece:
+                stalls += 1
+                # No input left and the stream wants more (or a decoder that neither consumes
+                # nor produces: never loop on it).
+                if not fed or stalls > 2:
+                    raise CorruptImage(f"decompressed to {self._filled} bytes, expected {size}")
+                continue
+            stalls = 0
             buf[self._filled : self._filled + len(piece)] = piece
             self._filled += len(piece)
         if self._filled == size:
-            self._decoder = None
-            self._tail = b""
+            self._release()
 
     def _finish(self, data: bytes) -> None:
         if len(data) != self._size:
             raise CorruptImage(f"decompressed to {len(data)} bytes, expected {self._size}")
         self._buf = data
+        self._filled = self._size
+        self._release()
+
+    def _release(self) -> None:
         self._decoder = None
         self._tail = b""
-        self._filled = self._size
 
 
 _pool_lock = threading.Lock()
@@ -585,10 +623,11 @@ class DmgDriver(BlockDriver):
             self._ahead.pop(future, None)
 
     def _open_chunk(self, run: Run) -> DecodedChunk:
-        """A chunk's compressed bytes, ready to decode as far as reads need."""
-        src = self.file.pread(run.file_offset, run.file_length)
+        """A chunk, ready to decode as far as reads need."""
         where = f"{self.file.path}: {CHUNK_TYPE_NAMES[run.kind]} chunk at sector {run.start}"
-        return DecodedChunk(run.kind, src, run.sectors * SECTOR, where)
+        return DecodedChunk(
+            run.kind, self.file, run.file_offset, run.file_length, run.sectors * SECTOR, where
+        )
 
     def _decode(self, run: Run) -> bytes | bytearray:
         """The whole decoded chunk (for check: not cached)."""

@@ -523,16 +523,25 @@ def test_streaming_decode_reads_in_any_order(tmp_path: Path) -> None:
         disk.close()
 
 
-def test_truncated_stream_fails_where_the_data_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "kind,encode",
+    [
+        (dmgmod.CT_ZLIB, zlib.compress),
+        # bzip2 decodes whole blocks (100-900 kB): small ones, so the first survive the cut
+        (dmgmod.CT_BZIP2, lambda data: bz2.compress(data, 1)),
+        (dmgmod.CT_LZMA, lzma.compress),
+    ],
+)
+def test_truncated_stream_fails_where_the_data_ends(kind: int, encode, tmp_path: Path) -> None:
     image = tmp_path / "short.dmg"
-    data = sample(2048, 5)
-    stream = zlib.compress(data)
-    build_udif(image, [Table(0, 2048, [Chunk(dmgmod.CT_ZLIB, 2048, stream[: len(stream) // 2])])],
-               2048)  # fmt: skip
+    data = os.urandom(600_000) + bytes(2048 * SECTOR - 600_000)  # the cut is in the random part
+    stream = encode(data)
+    build_udif(image, [Table(0, 2048, [Chunk(kind, 2048, stream[: len(stream) // 2])])], 2048)
     disk = open_disk(str(image), "dmg", read_only=True)
+    name = dmgmod.CHUNK_TYPE_NAMES[kind]
     try:
         assert disk.read(0, 4096) == data[:4096]  # decodable before the cut
-        with pytest.raises(CorruptImage, match="zlib chunk at sector 0: decompressed to"):
+        with pytest.raises(CorruptImage, match=f"{name} chunk at sector 0: decompressed to"):
             disk.read(len(data) - 4096, 4096)
         with pytest.raises(CorruptImage, match="decompressed to"):
             disk.read(len(data) - 4096, 4096)  # again: the same clear error
