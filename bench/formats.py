@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -196,7 +197,8 @@ class Peer:
             subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
 
 
-def fio(path: Path, workload: str, runtime: int, size: int) -> float:
+def fio(path: Path, workload: str, runtime: int, size: int) -> tuple[float, float]:
+    """(MB/s or IOPS, MB or I/Os done)."""
     kind, bs = workload.split("-")[0], workload.split("-")[1]
     rw = {"seqR": "read", "randR": "randread", "seqW": "write", "randW": "randwrite"}[kind]
     direct = "1" if workload.endswith("-d1") else "0"
@@ -224,7 +226,52 @@ def fio(path: Path, workload: str, runtime: int, size: int) -> float:
     ).stdout
     job = json.loads(out)["jobs"][0]
     side = job["read"] if rw.endswith("read") else job["write"]
-    return side["iops"] if bs == "16k" else side["bw_bytes"] / 1e6
+    if bs == "16k":
+        return side["iops"], side["total_ios"]
+    return side["bw_bytes"] / 1e6, side["io_bytes"] / 1e6
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def table(
+    rows: list[tuple[int, str, str, str, float]],
+    formats: list[str],
+    peers: list[str],
+    workloads: list[str],
+    unit: Callable[[str], str],
+    digits: int,
+) -> list[str]:
+    """A markdown table of the medians, with each peer's ratio to qsd."""
+    lines = [
+        "| format | peer | " + " | ".join(f"{w} {unit(w)}" for w in workloads) + " |",
+        "|---|---|" + "---|" * len(workloads),
+    ]
+    for name in formats:
+        med = {
+            (p, w): statistics.median(v for _, pp, n, ww, v in rows if (pp, n, ww) == (p, name, w))
+            for p in peers
+            for w in workloads
+            if any((pp, n, ww) == (p, name, w) for _, pp, n, ww, _ in rows)
+        }
+        for p in peers:
+            cells = []
+            for w in workloads:
+                if (p, w) not in med:
+                    cells.append("–")
+                    continue
+                v = med[(p, w)]
+                ratio = (
+                    f" ({v / med[('qsd', w)]:.2f}×)"
+                    if p != "qsd" and ("qsd", w) in med and med[("qsd", w)]
+                    else ""
+                )
+                cells.append(f"{v:.{digits}f}{ratio}")
+            lines.append(f"| {name} | {p} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> int:
@@ -249,6 +296,9 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = Path(tempfile.mkdtemp(prefix="imgfs-fmtbench-", dir="/tmp"))
     rows: list[tuple[int, str, str, str, float]] = []
+    # The exporter's own CPU time per MB or per I/O: unlike throughput, it barely moves with
+    # foreign load, so it shows the cost of each peer's read path on a busy machine.
+    cpu_rows: list[tuple[int, str, str, str, float]] = []
     # Others may share the machine: the load is part of the record (the peers run side by side,
     # so their ratios stay comparable).
     load_before = os.getloadavg()
@@ -261,23 +311,27 @@ def main() -> int:
             for rep in range(args.reps):
                 order = peers if rep % 2 == 0 else peers[::-1]
                 for peer in order:
-                    with Peer(
-                        peer, full, fmt, work / f"m{rep}-{len(rows)}-{name}-r", writable=False
-                    ) as f:
+                    p = Peer(peer, full, fmt, work / f"m{rep}-{len(rows)}-{name}-r", writable=False)
+                    with p as f:
                         for w in READS:
-                            v = fio(f, w, args.runtime, size)
+                            cpu0 = cpu_seconds(p.proc.pid)  # type: ignore[union-attr]
+                            v, units = fio(f, w, args.runtime, size)
+                            cpu = cpu_seconds(p.proc.pid) - cpu0  # type: ignore[union-attr]
                             rows.append((rep, peer, name, w, v))
+                            cpu_rows.append((rep, peer, name, w, cpu * 1e3 / max(units, 1e-9)))
                             print(f"{rep} {peer:6} {name:11} {w:13} {v:10.1f}", file=sys.stderr)
                     if empty is None:
                         continue
                     copy = work / f"w{rep}-{peer}-{empty.name}"
                     shutil.copyfile(empty, copy)
-                    with Peer(
-                        peer, copy, fmt, work / f"m{rep}-{len(rows)}-{name}-w", writable=True
-                    ) as f:
+                    p = Peer(peer, copy, fmt, work / f"m{rep}-{len(rows)}-{name}-w", writable=True)
+                    with p as f:
                         for w in WRITES:
-                            v = fio(f, w, args.runtime, size)
+                            cpu0 = cpu_seconds(p.proc.pid)  # type: ignore[union-attr]
+                            v, units = fio(f, w, args.runtime, size)
+                            cpu = cpu_seconds(p.proc.pid) - cpu0  # type: ignore[union-attr]
                             rows.append((rep, peer, name, w, v))
+                            cpu_rows.append((rep, peer, name, w, cpu * 1e3 / max(units, 1e-9)))
                             print(f"{rep} {peer:6} {name:11} {w:13} {v:10.1f}", file=sys.stderr)
                     copy.unlink()
             full.unlink()
@@ -297,32 +351,14 @@ def main() -> int:
         f"{load_before[2]:.2f}, after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}; "
         f"size {args.size}, {args.reps} reps x {args.runtime} s, medians",
         "",
-        "| format | peer | "
-        + " | ".join(f"{w} {'IOPS' if '16k' in w else 'MB/s'}" for w in workloads)
-        + " |",
-        "|---|---|" + "---|" * len(workloads),
+        *table(rows, formats, peers, workloads, lambda w: "IOPS" if "16k" in w else "MB/s", 0),
+        "",
+        "Exporter CPU time (user + system, all threads) per unit of I/O, lower is better:",
+        "",
+        *table(
+            cpu_rows, formats, peers, workloads, lambda w: "ms/IO" if "16k" in w else "ms/MB", 2
+        ),
     ]
-    for name in formats:
-        med = {
-            (p, w): statistics.median(v for _, pp, n, ww, v in rows if (pp, n, ww) == (p, name, w))
-            for p in peers
-            for w in workloads
-            if any((pp, n, ww) == (p, name, w) for _, pp, n, ww, _ in rows)
-        }
-        for p in peers:
-            cells = []
-            for w in workloads:
-                if (p, w) not in med:
-                    cells.append("–")
-                    continue
-                v = med[(p, w)]
-                ratio = (
-                    f" ({v / med[('qsd', w)]:.2f}×)"
-                    if p != "qsd" and ("qsd", w) in med and med[("qsd", w)]
-                    else ""
-                )
-                cells.append(f"{v:.0f}{ratio}")
-            lines.append(f"| {name} | {p} | " + " | ".join(cells) + " |")
     md = results_dir / f"formats-{stamp}.md"
     md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
