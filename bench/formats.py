@@ -341,8 +341,11 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     tsv = results_dir / f"formats-{stamp}.tsv"
     tsv.write_text(
-        "rep\tpeer\tformat\tworkload\tvalue\n"
-        + "".join(f"{r}\t{p}\t{n}\t{w}\t{v:.1f}\n" for r, p, n, w, v in rows)
+        "rep\tpeer\tformat\tworkload\tvalue\tcpu_ms_per_unit\n"
+        + "".join(
+            f"{r}\t{p}\t{n}\t{w}\t{v:.1f}\t{c[4]:.3f}\n"
+            for (r, p, n, w, v), c in zip(rows, cpu_rows, strict=True)
+        )
     )
     workloads = READS + WRITES
     load_after = os.getloadavg()
