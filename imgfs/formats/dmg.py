@@ -45,7 +45,7 @@ from imgfs.block.driver import (
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, ImgfsError, InvalidRequest, ReadOnly, Unsupported
 from imgfs.formats._chunkcache import DEFAULT_CACHE_BYTES, ChunkCache
 
 SECTOR = 512
@@ -129,6 +129,7 @@ STREAM_STEP = 64 * 1024
 STREAM_INPUT = 128 * 1024
 # Sequential reads: chunks decoded ahead on other threads, and the smallest chunk worth the hop.
 READ_AHEAD_CHUNKS = 2
+MAX_READ_AHEAD_CHUNKS = 16
 READ_AHEAD_MIN_BYTES = 128 * 1024
 
 CHECKSUM_CRC32 = 2
@@ -465,7 +466,9 @@ class DmgDriver(BlockDriver):
         cache_bytes = _size_option(options, "chunk-cache-size", DEFAULT_CACHE_BYTES)
         self._cache: ChunkCache[DecodedChunk] = ChunkCache(cache_bytes)
         # Read-ahead of sequential reads (see _read_ahead); 0 turns it off.
-        self._read_ahead_chunks = _size_option(options, "read-ahead", READ_AHEAD_CHUNKS)
+        self._read_ahead_chunks = _count_option(
+            options, "read-ahead", READ_AHEAD_CHUNKS, MAX_READ_AHEAD_CHUNKS
+        )
         self._last_index = -2
         self._ahead_lock = threading.Lock()
         self._ahead: dict[concurrent.futures.Future[None], int] = {}  # queued -> chunk key
@@ -615,7 +618,7 @@ class DmgDriver(BlockDriver):
         chunk = self._cache.get(run.start, lambda: self._open_chunk(run))
         try:
             chunk.upto(run.sectors * SECTOR)
-        except (CorruptImage, Unsupported, OSError):
+        except ImgfsError:
             pass  # the reader that needs this chunk gets the error itself
 
     def _ahead_done(self, future: concurrent.futures.Future[None]) -> None:
@@ -792,6 +795,15 @@ def _size_option(options: OpenOptions, key: str, default: int) -> int:
     if value < 0:
         raise InvalidRequest(f"bad {key} value {text!r}")
     return value
+
+
+def _count_option(options: OpenOptions, key: str, default: int, limit: int) -> int:
+    text = options.driver_options.get(key)
+    if text is None:
+        return default
+    if not text.isdigit() or int(text) > limit:
+        raise InvalidRequest(f"bad {key} value {text!r} (0 to {limit})")
+    return int(text)
 
 
 def _blkx_from_plist(path: str, text: bytes) -> list[tuple[bytes, str, int | None]]:

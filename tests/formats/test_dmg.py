@@ -23,7 +23,7 @@ import pytest
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import RepairMode
 from imgfs.block.extent import Allocation
-from imgfs.errors import CorruptImage, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
 from imgfs.formats import dmg as dmgmod
 from imgfs.formats._chunkcache import ChunkCache
 from tests.conftest import SHARED
@@ -575,6 +575,14 @@ def test_read_ahead_decodes_the_next_chunks(ahead: int, tmp_path: Path) -> None:
     finally:
         disk.close()  # waits for read-ahead still in flight
     assert not driver._ahead
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "17", "2k"])
+def test_bad_read_ahead_option(value: str, tmp_path: Path) -> None:
+    image = tmp_path / "opt.dmg"
+    small_image(image)
+    with pytest.raises(InvalidRequest, match="read-ahead"):
+        open_disk(str(image), "dmg", read_only=True, driver_options={"read-ahead": value})
 
 
 def test_chunk_cache_single_flight() -> None:
