@@ -91,22 +91,34 @@ make_image blank.raw build_blank
 # Each one converts disk.img, so the same partition table and ext4 filesystem appear through
 # every format, and `cmp mnt/disk.img.raw mnt/disk.qcow2.raw` must say nothing.
 #
-# convert_to() { qemu-img convert -f raw -O "$1" "${@:2:$#-2}" "$dir/disk.img" "${!#}"; }
+convert_to() { qemu-img convert -f raw -O "$1" "${@:2:$#-2}" "$dir/disk.img" "${!#}"; }
 #
 # make_image disk.qcow2     convert_to qcow2                 # add when the qcow2 driver lands
 # make_image disk-z.qcow2   convert_to qcow2 -c              # compressed clusters (qcow2)
-# make_image disk.qcow      convert_to qcow                  # add when the qcow driver lands
-# make_image disk.vmdk      convert_to vmdk                  # add when the vmdk driver lands
+make_image disk.qcow      convert_to qcow
+make_image disk.vmdk      convert_to vmdk
+make_image disk-stream.vmdk convert_to vmdk -o subformat=streamOptimized
+# (not monolithicFlat or twoGbMaxExtent*: renaming the temporary file would break the extent
+# names their descriptors hold)
 # make_image disk.vhd       convert_to vpc -o force_size=on  # add when the vpc driver lands
 #                           # (without force_size qemu rounds the size up to a CHS geometry)
 # make_image disk.vhdx      convert_to vhdx                  # add when the vhdx driver lands
-# make_image disk.vdi       convert_to vdi                   # add when the vdi driver lands
-# make_image disk.qed       convert_to qed                   # add when the qed driver lands
-# make_image disk.hdd       convert_to parallels             # add when the parallels driver lands
+make_image disk.vdi       convert_to vdi
+make_image disk.qed       convert_to qed
+make_image disk.hds       convert_to parallels
 # make_image disk.luks      convert_to luks --object secret,id=k,data=demo -o key-secret=k
 #                           # add when the luks driver lands; qemu-img sometimes fails to create
 #                           # LUKS images ("Unable to get accurate CPU usage"): retry it
 #
-# qemu-img cannot write bochs, cloop, dmg or UML cow images: when those drivers land, copy a
-# sample from ../shared/corpus/ instead, e.g.
-# make_image disk.dmg       cp ../shared/corpus/dmg/SOME-SAMPLE.dmg
+# qemu-img cannot write cloop, bochs, UML cow or dmg images: their own tools make them. The cow
+# file is an overlay on a copy of disk.img (imgfs exports a base image read-only, and disk.img
+# should stay writable).
+make_image disk.cloop     sh -c 'create_compressed_fs -q -B 65536 "$0" "$1" >/dev/null 2>&1' "$dir/disk.img"
+make_image disk.bochs     sh -c 'bximage -func=convert -imgmode=growing -q "$0" "$1" >/dev/null' "$dir/disk.img"
+make_image cow-base.img  cp --sparse=always "$dir/disk.img"
+make_image disk.cow       sh -c 'uml_mkcow -f "$1" "$0" >/dev/null' "$(realpath "$dir")/cow-base.img"
+# A sample from the shared corpus, when it is there (nothing here writes dmg).
+corpus=$(dirname "$0")/../../shared/corpus
+if [ -f "$corpus/dmg/node-udif/compression-zlib.dmg" ]; then
+    make_image sample.dmg cp "$corpus/dmg/node-udif/compression-zlib.dmg"
+fi

@@ -1,4 +1,4 @@
-"""The imgfs command line: mount, umount, info, check, create, convert.
+"""The imgfs command line: mount, umount, info, check, create, convert, replay, trace import.
 
 Errors are one line on stderr (``imgfs: error: ...``) with exit status 1; usage errors exit 2.
 """
@@ -17,6 +17,7 @@ from imgfs import __version__
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
+from imgfs.emulation.cli import add_subcommands as add_emulation_subcommands
 from imgfs.errors import ImgfsError, Unsupported, UsageError
 
 if TYPE_CHECKING:
@@ -430,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SRC")
     p.add_argument("destination", metavar="DST")
     p.set_defaults(func=cmd_convert)
+
+    add_emulation_subcommands(sub)  # replay, trace import
     return parser
 
 

@@ -83,10 +83,18 @@ class Mount:
         """No unexpected errors or tracebacks in the daemon's log (s3ql's checklogs idea)."""
         bad = []
         for line in self.log_text().splitlines():
+            if BENIGN_UNMOUNT_RACE in line:
+                continue
             if " ERROR " in line or "Traceback" in line or " CRITICAL " in line:
                 if not any(expected in line for expected in self.expected_log_errors):
                     bad.append(line)
         assert not bad, "unexpected errors in the imgfs log:\n" + "\n".join(bad)
+
+
+# The kernel sends RELEASE for a file closed just before the unmount asynchronously; when it
+# arrives after the connection is gone, libfuse cannot deliver the reply and pyfuse3 logs this at
+# ERROR level. Nothing is lost: imgfs closes (and flushes) every image when the loop ends.
+BENIGN_UNMOUNT_RACE = "fuse_release(): fuse_reply_* failed with No such file or directory"
 
 
 def start_mount(

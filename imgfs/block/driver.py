@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Self
 
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import CacheMode, HostFile
-from imgfs.errors import ReadOnly, Unsupported
+from imgfs.errors import InvalidRequest, ReadOnly, Unsupported
 
 # How much of a file the registry hands to each probe.
 PROBE_HEAD_SIZE = 64 * 1024
@@ -73,6 +73,18 @@ class OpenOptions:
     #: Format-specific run-time options (``-o key=value`` of ``imgfs mount``/``info``), such as
     #: qcow2's ``l2-cache-size``. A driver ignores keys it does not know.
     driver_options: Mapping[str, str] = field(default_factory=dict)
+
+    def size_option(self, key: str, default: int) -> int:
+        """A byte-count run-time option (``8M``, ``65536``), or ``default`` when not given."""
+        text = self.driver_options.get(key)
+        if text is None:
+            return default
+        from imgfs.units import parse_size
+
+        try:
+            return parse_size(text)
+        except InvalidRequest as e:
+            raise InvalidRequest(f"-o {key}: {e}") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -463,7 +463,7 @@ class DmgDriver(BlockDriver):
         self._starts = [r.start for r in runs]
         self._partitions = partitions
         self._source = source
-        cache_bytes = _size_option(options, "chunk-cache-size", DEFAULT_CACHE_BYTES)
+        cache_bytes = options.size_option("chunk-cache-size", DEFAULT_CACHE_BYTES)
         self._cache: ChunkCache[DecodedChunk] = ChunkCache(cache_bytes)
         # Read-ahead of sequential reads (see _read_ahead); 0 turns it off.
         self._read_ahead_chunks = _count_option(
@@ -780,21 +780,6 @@ def _stored_crc(field: bytes) -> int:
 
 def _reads_zero(run: Run | None) -> bool:
     return run is None or run.kind in (CT_ZERO, CT_IGNORE)
-
-
-def _size_option(options: OpenOptions, key: str, default: int) -> int:
-    text = options.driver_options.get(key)
-    if text is None:
-        return default
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    try:
-        mult = units.get(text[-1:].lower(), 1)
-        value = int(text[:-1] if mult != 1 else text) * mult
-    except ValueError:
-        raise InvalidRequest(f"bad {key} value {text!r}") from None
-    if value < 0:
-        raise InvalidRequest(f"bad {key} value {text!r}")
-    return value
 
 
 def _count_option(options: OpenOptions, key: str, default: int, limit: int) -> int:
