@@ -25,10 +25,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-IMGFS = HERE.parent / ".venv" / "bin" / "imgfs"
+# The imgfs measured is the checkout holding this script (a worktree has no .venv of its own:
+# IMGFS_PYTHON names the interpreter, e.g. the main checkout's venv).
+PYTHON = os.environ.get("IMGFS_PYTHON", str(HERE.parent / ".venv" / "bin" / "python"))
+IMGFS = [PYTHON, "-m", "imgfs"]
+IMGFS_ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}
 
 # format -> (qemu-img create/convert format, -o options, writable in both peers)
 FORMATS: dict[str, tuple[str, str, bool]] = {
@@ -43,8 +48,11 @@ FORMATS: dict[str, tuple[str, str, bool]] = {
     "vdi": ("vdi", "", True),
     "parallels": ("parallels", "", True),
     "cloop": ("cloop", "", False),
+    "dmg": ("dmg", "", False),
 }
-COMPRESSED = {"qcow2-zlib", "cloop"}
+COMPRESSED = {"qcow2-zlib", "cloop", "dmg"}
+# QEMU opens these read-only or not at all: the qsd blockdevs need read-only=on.
+READ_ONLY_DRIVERS = {"cloop", "dmg"}
 READS = ["seqR-1M", "seqR-1M-d1", "randR-16k-d1"]
 WRITES = ["seqW-1M-d1", "randW-16k-d1"]
 
@@ -85,9 +93,13 @@ def make_image(
             [
                 "bash",
                 "-c",
-                f"create_compressed_fs -q -B 65536 {src} {full} 2>/dev/null || create_compressed_fs -B 65536 {src} {full}",
+                f"create_compressed_fs -q -B 65536 {src} {full} 2>/dev/null"
+                f" || create_compressed_fs -B 65536 {src} {full}",
             ]
         )
+    elif name == "dmg":
+        # zlib chunks of 1 MiB (hdiutil's UDZO layout); QEMU 7.2 reads zlib dmg.
+        run([sys.executable, str(HERE / "make_dmg.py"), str(src), str(full)])
     else:
         cmd = ["qemu-img", "convert", "-f", "raw", "-O", fmt] + (["-o", opts] if opts else [])
         if name in COMPRESSED:
@@ -105,8 +117,10 @@ def make_image(
 
 
 class Peer:
-    def __init__(self, kind: str, image: Path, fmt: str, mdir: Path, writable: bool) -> None:
-        self.kind, self.image, self.fmt, self.mdir, self.writable = kind, image, fmt, mdir, writable
+    def __init__(self, peer: str, image: Path, fmt: str, mdir: Path, writable: bool) -> None:
+        # "imgfs:OPTS" is imgfs mounted with -o OPTS (e.g. imgfs:read-ahead=0), for A/B runs.
+        self.kind, _, self.opts = peer.partition(":")
+        self.image, self.fmt, self.mdir, self.writable = image, fmt, mdir, writable
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Path:
@@ -121,11 +135,12 @@ class Peer:
             self.mnt = self.mdir / "mnt"
             self.mnt.mkdir()
             cmd = [
-                str(IMGFS),
+                *IMGFS,
                 "mount",
                 "--foreground",
                 "--log",
                 str(self.mdir / "imgfs.log"),
+                *(["-o", self.opts] if self.opts else []),
                 str(imgdir),
                 str(self.mnt),
             ]
@@ -133,18 +148,21 @@ class Peer:
         else:
             self.mnt = self.mdir / "export"
             self.mnt.touch()
+            ro = ",read-only=on" if self.fmt in READ_ONLY_DRIVERS else ""
             cmd = [
                 "qemu-storage-daemon",
                 "--blockdev",
-                f"driver=file,node-name=f,filename={link}",
+                f"driver=file,node-name=f,filename={link}{ro}",
                 "--blockdev",
-                f"driver={self.fmt},node-name=q,file=f",
+                f"driver={self.fmt},node-name=q,file=f{ro}",
                 "--export",
-                f"type=fuse,id=e,node-name=q,mountpoint={self.mnt},writable={'on' if self.writable else 'off'}",
+                f"type=fuse,id=e,node-name=q,mountpoint={self.mnt},"
+                f"writable={'on' if self.writable else 'off'}",
             ]
             exported = self.mnt
         self.proc = subprocess.Popen(
             cmd,
+            env=IMGFS_ENV if self.kind == "imgfs" else None,
             stdout=subprocess.DEVNULL,
             stderr=open(self.mdir / "peer.log", "w"),
             start_new_session=True,
@@ -169,7 +187,7 @@ class Peer:
     def __exit__(self, *exc: object) -> None:
         assert self.proc is not None
         if self.kind == "imgfs":
-            subprocess.run([str(IMGFS), "umount", str(self.mnt)], capture_output=True)
+            subprocess.run([*IMGFS, "umount", str(self.mnt)], capture_output=True, env=IMGFS_ENV)
         else:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -179,7 +197,8 @@ class Peer:
             subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
 
 
-def fio(path: Path, workload: str, runtime: int, size: int) -> float:
+def fio(path: Path, workload: str, runtime: int, size: int) -> tuple[float, float]:
+    """(MB/s or IOPS, MB or I/Os done)."""
     kind, bs = workload.split("-")[0], workload.split("-")[1]
     rw = {"seqR": "read", "randR": "randread", "seqW": "write", "randW": "randwrite"}[kind]
     direct = "1" if workload.endswith("-d1") else "0"
@@ -207,72 +226,28 @@ def fio(path: Path, workload: str, runtime: int, size: int) -> float:
     ).stdout
     job = json.loads(out)["jobs"][0]
     side = job["read"] if rw.endswith("read") else job["write"]
-    return side["iops"] if bs == "16k" else side["bw_bytes"] / 1e6
+    if bs == "16k":
+        return side["iops"], side["total_ios"]
+    return side["bw_bytes"] / 1e6, side["io_bytes"] / 1e6
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="1G")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--runtime", type=int, default=3)
-    ap.add_argument("--formats", default=",".join(FORMATS))
-    ap.add_argument("--peers", default="qsd,imgfs")
-    args = ap.parse_args()
-    size = (
-        int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1]]
-        if args.size[-1] in "MG"
-        else int(args.size)
-    )
-    formats = args.formats.split(",")
-    peers = args.peers.split(",")
-    results_dir = HERE / "results"
-    results_dir.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    work = Path(tempfile.mkdtemp(prefix="imgfs-fmtbench-", dir="/tmp"))
-    rows: list[tuple[int, str, str, str, float]] = []
-    try:
-        print(f"making sources ({args.size}) in {work}", file=sys.stderr)
-        sources = make_sources(work, size)
-        for name in formats:
-            fmt, _, writable = FORMATS[name]
-            full, empty = make_image(name, work, sources, size)
-            for rep in range(args.reps):
-                order = peers if rep % 2 == 0 else peers[::-1]
-                for peer in order:
-                    with Peer(
-                        peer, full, fmt, work / f"m{rep}-{peer}-{name}-r", writable=False
-                    ) as f:
-                        for w in READS:
-                            v = fio(f, w, args.runtime, size)
-                            rows.append((rep, peer, name, w, v))
-                            print(f"{rep} {peer:6} {name:11} {w:13} {v:10.1f}", file=sys.stderr)
-                    if empty is None:
-                        continue
-                    copy = work / f"w{rep}-{peer}-{empty.name}"
-                    shutil.copyfile(empty, copy)
-                    with Peer(
-                        peer, copy, fmt, work / f"m{rep}-{peer}-{name}-w", writable=True
-                    ) as f:
-                        for w in WRITES:
-                            v = fio(f, w, args.runtime, size)
-                            rows.append((rep, peer, name, w, v))
-                            print(f"{rep} {peer:6} {name:11} {w:13} {v:10.1f}", file=sys.stderr)
-                    copy.unlink()
-            full.unlink()
-            if empty is not None:
-                empty.unlink()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    tsv = results_dir / f"formats-{stamp}.tsv"
-    tsv.write_text(
-        "rep\tpeer\tformat\tworkload\tvalue\n"
-        + "".join(f"{r}\t{p}\t{n}\t{w}\t{v:.1f}\n" for r, p, n, w, v in rows)
-    )
-    workloads = READS + WRITES
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def table(
+    rows: list[tuple[int, str, str, str, float]],
+    formats: list[str],
+    peers: list[str],
+    workloads: list[str],
+    unit: Callable[[str], str],
+    digits: int,
+) -> list[str]:
+    """A markdown table of the medians, with each peer's ratio to qsd."""
     lines = [
-        "| format | peer | "
-        + " | ".join(f"{w} {'IOPS' if '16k' in w else 'MB/s'}" for w in workloads)
-        + " |",
+        "| format | peer | " + " | ".join(f"{w} {unit(w)}" for w in workloads) + " |",
         "|---|---|" + "---|" * len(workloads),
     ]
     for name in formats:
@@ -294,8 +269,99 @@ def main() -> int:
                     if p != "qsd" and ("qsd", w) in med and med[("qsd", w)]
                     else ""
                 )
-                cells.append(f"{v:.0f}{ratio}")
+                cells.append(f"{v:.{digits}f}{ratio}")
             lines.append(f"| {name} | {p} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--runtime", type=int, default=3)
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument(
+        "--peers", default="qsd,imgfs", help="qsd, imgfs, imgfs:MOUNT-OPTS (comma-separated)"
+    )
+    args = ap.parse_args()
+    size = (
+        int(args.size[:-1]) << {"M": 20, "G": 30}[args.size[-1]]
+        if args.size[-1] in "MG"
+        else int(args.size)
+    )
+    formats = args.formats.split(",")
+    peers = args.peers.split(",")
+    results_dir = HERE / "results"
+    results_dir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = Path(tempfile.mkdtemp(prefix="imgfs-fmtbench-", dir="/tmp"))
+    rows: list[tuple[int, str, str, str, float]] = []
+    # The exporter's own CPU time per MB or per I/O: unlike throughput, it barely moves with
+    # foreign load, so it shows the cost of each peer's read path on a busy machine.
+    cpu_rows: list[tuple[int, str, str, str, float]] = []
+    # Others may share the machine: the load is part of the record (the peers run side by side,
+    # so their ratios stay comparable).
+    load_before = os.getloadavg()
+    try:
+        print(f"making sources ({args.size}) in {work}", file=sys.stderr)
+        sources = make_sources(work, size)
+        for name in formats:
+            fmt, _, writable = FORMATS[name]
+            full, empty = make_image(name, work, sources, size)
+            for rep in range(args.reps):
+                order = peers if rep % 2 == 0 else peers[::-1]
+                for peer in order:
+                    p = Peer(peer, full, fmt, work / f"m{rep}-{len(rows)}-{name}-r", writable=False)
+                    with p as f:
+                        for w in READS:
+                            cpu0 = cpu_seconds(p.proc.pid)  # type: ignore[union-attr]
+                            v, units = fio(f, w, args.runtime, size)
+                            cpu = cpu_seconds(p.proc.pid) - cpu0  # type: ignore[union-attr]
+                            rows.append((rep, peer, name, w, v))
+                            cpu_rows.append((rep, peer, name, w, cpu * 1e3 / max(units, 1e-9)))
+                            print(f"{rep} {peer:6} {name:11} {w:13} {v:10.1f}", file=sys.stderr)
+                    if empty is None:
+                        continue
+                    copy = work / f"w{rep}-{peer}-{empty.name}"
+                    shutil.copyfile(empty, copy)
+                    p = Peer(peer, copy, fmt, work / f"m{rep}-{len(rows)}-{name}-w", writable=True)
+                    with p as f:
+                        for w in WRITES:
+                            cpu0 = cpu_seconds(p.proc.pid)  # type: ignore[union-attr]
+                            v, units = fio(f, w, args.runtime, size)
+                            cpu = cpu_seconds(p.proc.pid) - cpu0  # type: ignore[union-attr]
+                            rows.append((rep, peer, name, w, v))
+                            cpu_rows.append((rep, peer, name, w, cpu * 1e3 / max(units, 1e-9)))
+                            print(f"{rep} {peer:6} {name:11} {w:13} {v:10.1f}", file=sys.stderr)
+                    copy.unlink()
+            full.unlink()
+            if empty is not None:
+                empty.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tsv = results_dir / f"formats-{stamp}.tsv"
+    tsv.write_text(
+        "rep\tpeer\tformat\tworkload\tvalue\tcpu_ms_per_unit\n"
+        + "".join(
+            f"{r}\t{p}\t{n}\t{w}\t{v:.1f}\t{c[4]:.3f}\n"
+            for (r, p, n, w, v), c in zip(rows, cpu_rows, strict=True)
+        )
+    )
+    workloads = READS + WRITES
+    load_after = os.getloadavg()
+    lines = [
+        f"load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/"
+        f"{load_before[2]:.2f}, after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}; "
+        f"size {args.size}, {args.reps} reps x {args.runtime} s, medians",
+        "",
+        *table(rows, formats, peers, workloads, lambda w: "IOPS" if "16k" in w else "MB/s", 0),
+        "",
+        "Exporter CPU time (user + system, all threads) per unit of I/O, lower is better:",
+        "",
+        *table(
+            cpu_rows, formats, peers, workloads, lambda w: "ms/IO" if "16k" in w else "ms/MB", 2
+        ),
+    ]
     md = results_dir / f"formats-{stamp}.md"
     md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

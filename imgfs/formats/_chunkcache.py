@@ -10,27 +10,31 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sized
+from typing import Generic, TypeVar
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 
+V = TypeVar("V", bound=Sized)
 
-class _Pending:
+
+class _Pending(Generic[V]):
     """A load in progress: waiters block on ``done`` and then take ``value`` or ``error``."""
 
     __slots__ = ("done", "value", "error")
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.value: bytes | None = None
+        self.value: V | None = None
         self.error: BaseException | None = None
 
 
-class ChunkCache:
-    """``get(key, load)`` returns the cached bytes for ``key`` or calls ``load()`` once for it.
+class ChunkCache(Generic[V]):
+    """``get(key, load)`` returns the cached value for ``key`` or calls ``load()`` once for it.
 
-    A chunk bigger than the whole budget is returned but not kept. ``max_bytes`` of 0 disables
-    caching (every get loads).
+    Values are charged ``len(value)`` bytes (decoded bytes, or an object that is filled later
+    and reports its final size). A value bigger than the whole budget is returned but not kept.
+    ``max_bytes`` of 0 disables caching (every get loads).
     """
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
@@ -38,8 +42,8 @@ class ChunkCache:
             raise ValueError(f"bad cache size {max_bytes}")
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._entries: OrderedDict[Hashable, bytes] = OrderedDict()
-        self._pending: dict[Hashable, _Pending] = {}
+        self._entries: OrderedDict[Hashable, V] = OrderedDict()
+        self._pending: dict[Hashable, _Pending[V]] = {}
         self._bytes = 0
         self.hits = 0
         self.misses = 0
@@ -48,7 +52,12 @@ class ChunkCache:
     def cached_bytes(self) -> int:
         return self._bytes
 
-    def get(self, key: Hashable, load: Callable[[], bytes]) -> bytes:
+    def __contains__(self, key: Hashable) -> bool:
+        """Cached or being loaded."""
+        with self._lock:
+            return key in self._entries or key in self._pending
+
+    def get(self, key: Hashable, load: Callable[[], V]) -> V:
         with self._lock:
             value = self._entries.get(key)
             if value is not None:
@@ -58,7 +67,7 @@ class ChunkCache:
             pending = self._pending.get(key)
             owner = pending is None
             if pending is None:
-                pending = _Pending()
+                pending = _Pending[V]()
                 self._pending[key] = pending
                 self.misses += 1
         if not owner:
@@ -84,7 +93,7 @@ class ChunkCache:
         pending.done.set()
         return value
 
-    def _insert(self, key: Hashable, value: bytes) -> None:
+    def _insert(self, key: Hashable, value: V) -> None:
         size = len(value)
         if size > self.max_bytes:
             return

@@ -23,7 +23,7 @@ import pytest
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import RepairMode
 from imgfs.block.extent import Allocation
-from imgfs.errors import CorruptImage, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
 from imgfs.formats import dmg as dmgmod
 from imgfs.formats._chunkcache import ChunkCache
 from tests.conftest import SHARED
@@ -495,6 +495,94 @@ def test_chunk_cache_decodes_once_and_stays_bounded(tmp_path: Path) -> None:
         assert cache.cached_bytes <= budget
     finally:
         disk.close()
+
+
+def test_streaming_decode_reads_in_any_order(tmp_path: Path) -> None:
+    """zlib, bzip2 and lzma chunks decode only as far as reads need and carry on later: reads
+    backwards, forwards, across chunks and at odd offsets all see the right bytes."""
+    image = tmp_path / "stream.dmg"
+    datas = [sample(2048, 10 + i) for i in range(3)]
+    codecs = [(dmgmod.CT_ZLIB, zlib.compress), (dmgmod.CT_BZIP2, bz2.compress),
+              (dmgmod.CT_LZMA, lzma.compress)]  # fmt: skip
+    chunks = [
+        Chunk(kind, 2048, encode(d), d) for (kind, encode), d in zip(codecs, datas, strict=True)
+    ]
+    build_udif(image, [Table(0, 3 * 2048, chunks)], 3 * 2048)
+    expected = b"".join(datas)
+    disk = open_disk(str(image), "dmg", read_only=True, driver_options={"read-ahead": "0"})
+    try:
+        for base in (0, 1 << 20, 2 << 20):
+            assert disk.read(base + 5, 4096) == expected[base + 5 : base + 5 + 4096]
+            chunk = disk.top._cache.get(base // SECTOR, lambda: pytest.fail("not cached"))
+            assert 0 < chunk._filled < len(chunk)  # only the start is decoded
+        for offset, length in [(900_000, 70_000), (100, 10), (1_000_000, 200_000),
+                               (2_500_000, 1), (1_500_000, 1_500_000), (0, 3 << 20)]:  # fmt: skip
+            assert disk.read(offset, length) == expected[offset : offset + length]
+        assert disk.top._cache.misses == 3
+    finally:
+        disk.close()
+
+
+@pytest.mark.parametrize(
+    "kind,encode",
+    [
+        (dmgmod.CT_ZLIB, zlib.compress),
+        # bzip2 decodes whole blocks (100-900 kB): small ones, so the first survive the cut
+        (dmgmod.CT_BZIP2, lambda data: bz2.compress(data, 1)),
+        (dmgmod.CT_LZMA, lzma.compress),
+    ],
+)
+def test_truncated_stream_fails_where_the_data_ends(kind: int, encode, tmp_path: Path) -> None:
+    image = tmp_path / "short.dmg"
+    data = os.urandom(600_000) + bytes(2048 * SECTOR - 600_000)  # the cut is in the random part
+    stream = encode(data)
+    build_udif(image, [Table(0, 2048, [Chunk(kind, 2048, stream[: len(stream) // 2])])], 2048)
+    disk = open_disk(str(image), "dmg", read_only=True)
+    name = dmgmod.CHUNK_TYPE_NAMES[kind]
+    try:
+        assert disk.read(0, 4096) == data[:4096]  # decodable before the cut
+        with pytest.raises(CorruptImage, match=f"{name} chunk at sector 0: decompressed to"):
+            disk.read(len(data) - 4096, 4096)
+        with pytest.raises(CorruptImage, match="decompressed to"):
+            disk.read(len(data) - 4096, 4096)  # again: the same clear error
+    finally:
+        disk.close()
+
+
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_read_ahead_decodes_the_next_chunks(ahead: int, tmp_path: Path) -> None:
+    image = tmp_path / "ahead.dmg"
+    datas = [sample(512, 20 + i) for i in range(8)]  # 256 KiB chunks
+    chunks = [Chunk(dmgmod.CT_ZLIB, 512, zlib.compress(d), d) for d in datas]
+    build_udif(image, [Table(0, 8 * 512, chunks)], 8 * 512)
+    chunk_bytes = 512 * SECTOR
+    disk = open_disk(str(image), "dmg", read_only=True, driver_options={"read-ahead": str(ahead)})
+    try:
+        driver = disk.top
+        assert disk.read(0, chunk_bytes) == datas[0]
+        assert disk.read(chunk_bytes, chunk_bytes) == datas[1]  # sequential: 2 and 3 ahead
+        with driver._ahead_lock:
+            pending = list(driver._ahead)
+        for future in pending:
+            future.result(10)
+        cached = [i for i in range(8) if i * 512 in driver._cache]
+        assert cached == ([0, 1, 2, 3] if ahead else [0, 1])
+        assert (
+            disk.read(2 * chunk_bytes + 7, 3 * chunk_bytes)
+            == b"".join(datas)[2 * chunk_bytes + 7 : 5 * chunk_bytes + 7]
+        )
+        assert disk.read(0, 8 * chunk_bytes) == b"".join(datas)
+    finally:
+        disk.close()  # waits for read-ahead still in flight
+    assert not driver._ahead
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "17", "2k"])
+def test_bad_read_ahead_option(value: str, tmp_path: Path) -> None:
+    image = tmp_path / "opt.dmg"
+    small_image(image)
+    with pytest.raises(InvalidRequest, match="read-ahead"):
+        open_disk(str(image), "dmg", read_only=True, driver_options={"read-ahead": value})
 
 
 def test_chunk_cache_single_flight() -> None:
