@@ -85,17 +85,25 @@ def tail(path: Path, lines: int = CONSOLE_TAIL) -> str:
 
 
 def boot(
-    kit: Vmkit, disk: Path, *, bus: str, qemu_cache: str, workload: str, console: Path, mount: Mount
+    kit: Vmkit,
+    disk: Path,
+    *,
+    bus: str,
+    qemu_cache: str,
+    workload: str,
+    console: Path,
+    mount: Mount,
+    script: Path | None = None,
 ) -> str:
     """Boot the guest on disk; assert that boot.sh exits 0 with a PASS result line, and return
-    that line (it carries the boot's ``seconds=``)."""
+    that line (it carries the boot's ``seconds=``). ``script`` runs that file as the ``custom``
+    workload."""
     cmd = [
         str(VMKIT / "boot.sh"),
         str(disk),
         "--bus",
         bus,
-        "--workload",
-        workload,
+        *(["--script", str(script)] if script else ["--workload", workload]),
         "--cache",
         qemu_cache,
         "--cache-dir",
@@ -509,3 +517,72 @@ def test_guest_on_format(
     assert_same_bytes(reference_raw(case, images, tmp_path / "after-verify.raw"), reference)
     if case.base:
         assert sha256_file(images / case.base) == base_digest, f"{case.base} was written"
+
+
+# --- a heavier guest workload: overwrite, delete and refill ---------------------------------------
+
+REWRITE_SCRIPT = Path(__file__).with_name("rewrite.sh")
+
+
+def host_check_manifest(image: Path, scratch: Path) -> int:
+    """Extract the files with debugfs and compare them with the MANIFEST.sha256 the guest stored
+    (checksums it read back after dropping its caches); returns the number of files."""
+    scratch.mkdir()
+    result = subprocess.run(
+        ["debugfs", "-R", f"rdump / {scratch}", str(image)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"debugfs rdump failed:\n{result.stdout}\n{result.stderr}"
+    manifest = (scratch / "MANIFEST.sha256").read_text().splitlines()
+    wrong = []
+    for line in manifest:
+        digest, name = line.split(maxsplit=1)
+        path = scratch / name
+        got = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        if got != digest:
+            wrong.append(f"{name}: {got} (the guest read {digest})")
+    assert not wrong, "files in the image differ from what the guest read:\n" + "\n".join(wrong)
+    return len(manifest)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", format_params())
+def test_guest_rewrite_on_format(
+    vmkit: Vmkit,
+    images: Path,
+    tmp_path: Path,
+    mount: Callable[..., Mount],
+    case: FormatCase,
+) -> None:
+    """rewrite.sh: ~70 MiB written to files, in-place overwrites at odd offsets (fsync'd),
+    deletes and refills, so allocated clusters are rewritten and freed space reused; the guest
+    compares what it reads back after dropping caches and runs e2fsck. The host then checks the
+    image and that a fresh mount exports exactly what QEMU reads."""
+    image = images / case.image
+    case.create(images, case.image)
+    base_digest = sha256_file(images / case.base) if case.base else None
+    m = mount(images, "--cache", case.imgfs_cache, name="mnt-write")
+    boot(
+        vmkit,
+        m.file(case.image),
+        bus=case.bus,
+        qemu_cache=case.qemu_cache,
+        workload="custom",
+        console=tmp_path / "rewrite.console.log",
+        mount=m,
+        script=REWRITE_SCRIPT,
+    )
+    m.umount()
+
+    host_qemu_check(case, image)
+    reference = reference_raw(case, images, tmp_path / "reference.raw")
+    host_fsck(reference)
+    # b0-b9 less three deleted, n0-n5, dir/f000-f031
+    assert host_check_manifest(reference, tmp_path / "extracted") == 7 + 6 + 32
+    if case.base:
+        assert sha256_file(images / case.base) == base_digest, f"{case.base} was written"
+    m = mount(images, "--cache", case.imgfs_cache, name="mnt-read")
+    assert_same_bytes(m.file(case.image), reference)
+    m.umount()
