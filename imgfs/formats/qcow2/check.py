@@ -1,0 +1,242 @@
+"""qcow2 consistency check: rebuild the refcounts from every structure that references
+clusters, compare them with the image's refcounts, and count (and optionally repair) the
+differences the way ``qemu-img check`` counts them:
+
+* image refcount < references: a corruption (``-r all`` raises the refcount);
+* image refcount > references: a leak (``-r leaks`` lowers it);
+* an L2/L1 entry whose COPIED flag disagrees with a refcount of exactly one: a corruption
+  (``-r all`` fixes the flag).
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import TYPE_CHECKING
+
+from imgfs.block.driver import CheckResult, RepairMode
+from imgfs.errors import CorruptImage
+from imgfs.formats.qcow2 import layout as L
+from imgfs.formats.qcow2.cache import decode_u64
+
+if TYPE_CHECKING:
+    from imgfs.formats.qcow2.driver import Qcow2Driver
+
+# Refcounts are rebuilt in memory, four bytes per host cluster: cap that.
+MAX_CHECK_CLUSTERS = 1 << 28
+
+
+class _Counter:
+    def __init__(self, drv: Qcow2Driver, nb_clusters: int, res: CheckResult) -> None:
+        self.drv = drv
+        self.cs = drv.cs
+        self.cb = drv.cb
+        self.res = res
+        self.counts = array("I", bytes(4 * nb_clusters))
+
+    def add(self, offset: int, size: int, what: str) -> None:
+        if size <= 0:
+            return
+        first = offset >> self.cb
+        last = (offset + size - 1) >> self.cb
+        counts = self.counts
+        if last >= len(counts):
+            if last >= MAX_CHECK_CLUSTERS:
+                self.res.corruptions += 1
+                self.res.messages.append(
+                    f"ERROR {what} at offset {offset} is far beyond the end of the file"
+                )
+                return
+            counts.extend(bytes(4 * (last + 1 - len(counts))))
+        for c in range(first, last + 1):
+            counts[c] += 1
+
+
+def check_image(drv: Qcow2Driver, repair: RepairMode) -> CheckResult:
+    res = CheckResult()
+    h = drv.h
+    cs = drv.cs
+    file_size = drv.file.size()
+    nb_clusters = -(-file_size // cs)
+    if nb_clusters > MAX_CHECK_CLUSTERS:
+        res.check_errors += 1
+        res.messages.append(f"image of {file_size} bytes is too big to check")
+        return res
+    counter = _Counter(drv, nb_clusters, res)
+    add = counter.add
+    fix_copied = repair is RepairMode.ALL
+    # Header cluster (with extensions and backing name).
+    add(0, cs, "header")
+    # Active L1 and everything under it.
+    _count_l1(drv, counter, h.l1_table_offset, h.l1_size, active=True, fix_copied=fix_copied)
+    # Snapshots: the table, their L1 tables, and what those reference.
+    if h.nb_snapshots:
+        size = sum(
+            -(-(40 + 16 + len(s.id.encode()) + len(s.name.encode())) // 8) * 8
+            for s in drv.snapshots
+        )
+        add(h.snapshots_offset, size, "snapshot table")
+        for s in drv.snapshots:
+            _count_l1(drv, counter, s.l1_table_offset, s.l1_size, active=False, fix_copied=False)
+    # Refcount table and blocks.
+    add(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
+    for t, entry in enumerate(drv.reftable):
+        off = entry & L.REFT_OFFSET_MASK
+        if not off:
+            continue
+        if off % cs:
+            res.corruptions += 1
+            res.messages.append(f"ERROR refcount block {t} is not cluster aligned")
+            continue
+        add(off, cs, "refcount block")
+    # Bitmaps: the directory, each bitmap table and its data clusters.
+    if drv.bitmaps:
+        ext = h.extension(L.EXT_BITMAPS)
+        assert ext is not None
+        _, _, dir_size, dir_off = L.BITMAPS_EXT.unpack_from(ext)
+        add(dir_off, dir_size, "bitmap directory")
+        for b in drv.bitmaps:
+            add(b.table_offset, b.table_size * 8, "bitmap table")
+            if b.table_size * 8 > L.MAX_L1_BYTES:
+                continue
+            table = decode_u64(drv.file.pread(b.table_offset, b.table_size * 8))
+            for e in table:
+                off = e & L.L1E_OFFSET_MASK
+                if off:
+                    add(off, cs, "bitmap data")
+    # Encryption header clusters.
+    crypt = h.extension(L.EXT_CRYPTO)
+    if crypt is not None and len(crypt) >= 16:
+        add(int.from_bytes(crypt[:8], "big"), int.from_bytes(crypt[8:16], "big"), "crypto")
+
+    # Compare with the image's refcounts.
+    counts = counter.counts
+    total = max(len(counts), nb_clusters)
+    highest = -1
+    changed = False
+    rb = drv.rb_entries
+    limit = len(drv.reftable) * rb
+    for c in range(max(total, 0)):
+        want = counts[c] if c < len(counts) else 0
+        have = drv.refcount(c) if c < limit else 0
+        if have or want:
+            highest = c
+        if have == want:
+            continue
+        if have > want:
+            if repair in (RepairMode.LEAKS, RepairMode.ALL):
+                if _set_refcount(drv, c, want):
+                    res.leaks_fixed += 1
+                    changed = True
+                    continue
+            res.leaks += 1
+            res.messages.append(f"Leaked cluster {c} refcount={have} reference={want}")
+        else:
+            if repair is RepairMode.ALL and _set_refcount(drv, c, want):
+                res.corruptions_fixed += 1
+                changed = True
+                continue
+            res.corruptions += 1
+            res.messages.append(f"ERROR cluster {c} refcount={have} reference={want}")
+    if changed or fix_copied:
+        drv._write_refcounts()
+        drv._flush_locked()
+    if repair is not RepairMode.NONE and h.incompatible & L.INCOMPAT_DIRTY and not res.corruptions:
+        h.incompatible &= ~L.INCOMPAT_DIRTY
+        drv.file.sync()
+        drv._write_header_field(L.OFF_INCOMPAT, L.U64.pack(h.incompatible))
+    res.image_end_offset = (highest + 1) * cs
+    res.total_clusters = -(-h.size // cs)
+    res.allocated_clusters = counter.allocated if hasattr(counter, "allocated") else 0
+    res.fragmented_clusters = getattr(counter, "fragmented", 0)
+    res.compressed_clusters = getattr(counter, "compressed", 0)
+    return res
+
+
+def _set_refcount(drv: Qcow2Driver, cluster: int, value: int) -> bool:
+    block, i = drv._refblock_for(cluster)
+    if block is None:
+        return False
+    if value > block.max_value:
+        return False
+    block.set(i, value)
+    return True
+
+
+def _count_l1(
+    drv: Qcow2Driver, counter: _Counter, l1_offset: int, l1_size: int, *, active: bool,
+    fix_copied: bool,
+) -> None:  # fmt: skip
+    res = counter.res
+    cs, cb = drv.cs, drv.cb
+    add = counter.add
+    add(l1_offset, l1_size * 8, "L1 table")
+    l1 = drv.l1 if active else decode_u64(drv.file.pread(l1_offset, l1_size * 8))
+    if active:
+        counter.allocated = 0  # type: ignore[attr-defined]
+        counter.fragmented = 0  # type: ignore[attr-defined]
+        counter.compressed = 0  # type: ignore[attr-defined]
+    next_contiguous = 0
+    words = drv.l2_words
+    for i, l1e in enumerate(l1):
+        l2_off = l1e & L.L1E_OFFSET_MASK
+        if not l2_off:
+            continue
+        if l2_off % cs:
+            res.corruptions += 1
+            res.messages.append(f"ERROR L2 table offset {l2_off} of L1 entry {i} unaligned")
+            continue
+        add(l2_off, cs, "L2 table")
+        if active:
+            rc = drv.refcount(l2_off >> cb)
+            if (rc == 1) != bool(l1e & L.OFLAG_COPIED):
+                if fix_copied:
+                    drv._set_l1(i, l2_off | (L.OFLAG_COPIED if rc == 1 else 0))
+                    res.corruptions_fixed += 1
+                else:
+                    res.corruptions += 1
+                    res.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i}")
+        table = drv.l2_cache.get(l2_off) if active else None
+        table_words = table.words if table is not None else decode_u64(drv.file.pread(l2_off, cs))
+        for j in range(0, len(table_words), words):
+            e = table_words[j]
+            if not e:
+                continue
+            if e & L.OFLAG_COMPRESSED:
+                try:
+                    start, size = drv._compressed_range(e)
+                except CorruptImage as err:
+                    res.corruptions += 1
+                    res.messages.append(str(err))
+                    continue
+                add(start, size, "compressed cluster")
+                if active:
+                    counter.allocated += 1  # type: ignore[attr-defined]
+                    counter.compressed += 1  # type: ignore[attr-defined]
+                    counter.fragmented += 1  # type: ignore[attr-defined]
+                continue
+            host = e & L.L2E_OFFSET_MASK
+            if not host and not (drv.data_file is not None and e & L.OFLAG_COPIED):
+                continue  # unallocated or zero without preallocation
+            if host % cs:
+                res.corruptions += 1
+                res.messages.append(f"ERROR cluster offset {host} unaligned")
+                continue
+            if active:
+                counter.allocated += 1  # type: ignore[attr-defined]
+                if next_contiguous and host != next_contiguous:
+                    counter.fragmented += 1  # type: ignore[attr-defined]
+                next_contiguous = host + cs
+            if drv.data_file is not None:
+                continue  # data file clusters are not refcounted
+            add(host, cs, "data cluster")
+            if active:
+                rc = drv.refcount(host >> cb)
+                if (rc == 1) != bool(e & L.OFLAG_COPIED):
+                    if fix_copied:
+                        assert table is not None
+                        table.words[j] = (e & ~L.OFLAG_COPIED) | (L.OFLAG_COPIED if rc == 1 else 0)
+                        table.dirty = True
+                        res.corruptions_fixed += 1
+                    else:
+                        res.corruptions += 1
+                        res.messages.append(f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x}")
