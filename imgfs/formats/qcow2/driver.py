@@ -30,6 +30,7 @@ from typing import Any, Self
 
 import zstandard
 
+from imgfs.block.chain import chain_block_status
 from imgfs.block.driver import (
     BackingSpec,
     BlockDriver,
@@ -869,6 +870,250 @@ class Qcow2Driver(BlockDriver):
         host = old_entry & L.L2E_OFFSET_MASK
         if host and self.data_file is None:
             self._pending_free.append((host, self.cs))
+
+    # -- discard and zeroes ---------------------------------------------------------------------
+
+    def discard(self, offset: int, length: int) -> None:
+        """Free whole clusters (unaligned edges are ignored, as QEMU does). Afterwards the
+        range reads as zeros; on version 2 images with a backing file nothing can hide the
+        backing data, so (as in QEMU) nothing is discarded."""
+        self._writable()
+        cs, cb = self.cs, self.cb
+        first = -(-offset // cs)
+        last = (offset + length) >> cb  # exclusive
+        if offset + length == self.h.size:
+            last = -(-self.h.size // cs)  # the short last cluster counts as whole
+        if first >= last:
+            return
+        zero_flag = self.v3 and self.backing is not None
+        if not self.v3 and self.backing is not None:
+            return  # v2 cannot hide the backing data (QEMU does nothing either)
+        with self._lock:
+            self._before_write()
+            for gci in range(first, last):
+                entry, bitmap = self._entry(gci)
+                if not entry and not bitmap and not zero_flag:
+                    continue
+                if zero_flag:
+                    new_entry, new_bitmap = self._zero_entry(0)
+                else:
+                    new_entry, new_bitmap = 0, 0
+                if (new_entry, new_bitmap) == (entry, bitmap):
+                    continue
+                self._set_entry(gci, new_entry, new_bitmap)
+                self._drop_host(gci, entry, punch_data_file=True)
+            if len(self._pending_free) > PENDING_FREE_LIMIT:
+                self._flush_locked()
+
+    def _zero_entry(self, host: int) -> tuple[int, int]:
+        """The L2 entry (and bitmap) of a cluster reading as zeros, keeping ``host`` (0: none)
+        as a preallocation."""
+        keep = host | L.OFLAG_COPIED if host else 0
+        if self.extl2:
+            return keep, L.SUBCLUSTER_ALL << 32
+        return keep | L.OFLAG_ZERO, 0
+
+    def _drop_host(self, gci: int, old_entry: int, punch_data_file: bool) -> None:
+        if self.data_file is not None:
+            if punch_data_file and (old_entry & L.OFLAG_COPIED):
+                start = gci << self.cb
+                n = min(self.cs, self.h.size - start)
+                if not self.data_file.punch_hole(start, n) and self.data_file_raw:
+                    self.data_file.pwrite(start, bytes(n))
+            return
+        self._release_old(old_entry)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        """Whole units (clusters, or subclusters with extended L2) become zero entries on v3
+        (unallocated on v2 without a backing file, as QEMU does); unaligned edges become zero
+        entries when the rest of their unit already reads as zeros, else zero data."""
+        self._writable()
+        unit = self.sub_size
+        size = self.h.size
+        end = offset + length
+        a = -(-offset // unit) * unit
+        b = end if end == size else (end // unit) * unit
+        edges: list[tuple[int, int]] = []
+        if a > b:  # inside one unit
+            edges.append((offset, end))
+            a = b = offset
+        else:
+            if offset < a:
+                edges.append((offset, a))
+            if b < end:
+                edges.append((b, end))
+        for p, q in edges:
+            ustart = p // unit * unit
+            uend = min(ustart + unit, size)
+            if self._can_widen(ustart, p, q, uend):
+                self._zeroize(ustart, uend, may_unmap)
+            else:
+                super().write_zeroes(p, q - p, may_unmap)
+        if a < b:
+            self._zeroize(a, b, may_unmap)
+
+    def _can_widen(self, ustart: int, p: int, q: int, uend: int) -> bool:
+        if not self.v3 and self.backing is not None:
+            return False
+        with self._lock:
+            kind = self._segments(ustart, 1)[0][0]
+        if kind not in (ZERO, UNALLOC):
+            return False
+        return (p == ustart or self._reads_zero(ustart, p)) and (
+            q == uend or self._reads_zero(q, uend)
+        )
+
+    def _zeroize(self, a: int, b: int, may_unmap: bool) -> None:
+        """Make units [a, b) zero (a aligned to the unit, b aligned or the end of the disk)."""
+        cs, cb = self.cs, self.cb
+        if not self.v3:
+            if self.backing is not None:
+                super().write_zeroes(a, b - a, may_unmap)  # v2 has no zero clusters
+                return
+            self.discard(a, b - a)  # no backing file: unallocated reads as zeros
+            return
+        unit = self.sub_size
+        with self._lock:
+            self._before_write()
+            pos = a
+            while pos < b:
+                gci = pos >> cb
+                cstart = gci << cb
+                cend = min(b, cstart + cs)
+                entry, bitmap = self._entry(gci)
+                whole = pos == cstart and (cend == cstart + cs or cend == self.h.size)
+                if whole:
+                    self._zero_cluster(gci, entry, may_unmap)
+                elif entry & L.OFLAG_COMPRESSED:
+                    self._write_locked(pos, memoryview(bytes(cend - pos)))
+                else:
+                    sb = self.sub_bits
+                    s0 = (pos - cstart) >> sb
+                    s1 = -(-(cend - cstart) // unit)
+                    mask = ((1 << s1) - 1) & ~((1 << s0) - 1)
+                    if self.data_file is not None and bitmap & mask:
+                        self.data_file.pwrite(pos, bytes(cend - pos))
+                    self._set_entry(gci, entry, (bitmap & ~mask) | (mask << 32))
+                pos = cend
+            if len(self._pending_free) > PENDING_FREE_LIMIT:
+                self._flush_locked()
+
+    def _reads_zero(self, start: int, end: int) -> bool:
+        with self._lock:
+            segments = self._segments(start, end - start)
+        for kind, g, n, _ in segments:
+            if kind == ZERO:
+                continue
+            if kind != UNALLOC:
+                return False
+            if self.backing is not None:
+                ext = chain_block_status(self.backing, g, n)
+                if ext.length < n or ext.allocation is Allocation.DATA:
+                    return False
+        return True
+
+    def _zero_cluster(self, gci: int, entry: int, may_unmap: bool) -> None:
+        host = entry & L.L2E_OFFSET_MASK
+        keep = (
+            not may_unmap
+            and not entry & L.OFLAG_COMPRESSED
+            and entry & L.OFLAG_COPIED
+            and (host or self.data_file is not None)
+        )
+        if self.data_file is not None:
+            start = gci << self.cb
+            n = min(self.cs, self.h.size - start)
+            if entry & L.OFLAG_COPIED and self.data_file_raw or keep:
+                # The raw data file must read as zeros too.
+                done = self.data_file.punch_hole(start, n) if may_unmap else False
+                if not done and not self.data_file.zero_range(start, n):
+                    self.data_file.pwrite(start, bytes(n))
+            new = self._zero_entry(0)
+            if keep or (self.data_file_raw and entry & L.OFLAG_COPIED):
+                new = (self._zero_entry(0)[0] | L.OFLAG_COPIED | host, new[1])
+            self._set_entry(gci, *new)
+            return
+        if keep:
+            new_entry, new_bitmap = self._zero_entry(host)
+            self._set_entry(gci, new_entry, new_bitmap)
+            return
+        self._set_entry(gci, *self._zero_entry(0))
+        self._release_old(entry)
+
+    # -- resize ---------------------------------------------------------------------------------
+
+    def resize(self, new_size: int) -> None:
+        """Grow the disk (the L1 table moves to a bigger one when needed). Shrinking is not
+        supported."""
+        self._writable()
+        if new_size < self.h.size:
+            raise Unsupported(f"{self.file.path}: shrinking a qcow2 image is not supported")
+        if new_size % 512:
+            raise InvalidRequest(f"{self.file.path}: size {new_size} is not a multiple of 512")
+        with self._lock:
+            need = -(-new_size // (self.l2_entries * self.cs))
+            if need * 8 > L.MAX_L1_BYTES:
+                raise InvalidRequest(f"{self.file.path}: size {new_size} is too large for qcow2")
+            if need > len(self.l1):
+                self._grow_l1(need)
+            self.h.size = new_size
+            self.file.pwrite(L.OFF_SIZE, L.U64.pack(new_size))
+            self.file.sync()
+
+    def _grow_l1(self, entries: int) -> None:
+        cs, cb = self.cs, self.cb
+        # Every L1 entry must point at an L2 table already on disk before the copy is written.
+        self._flush_locked()
+        new_l1 = array(U64_CODE, self.l1)
+        new_l1.extend([0] * (entries - len(new_l1)))
+        clusters = -(-entries * 8 // cs)
+        host = self._alloc_contiguous(clusters)
+        self._write_refcounts()
+        data = encode_u64(new_l1)
+        self.file.pwrite(host, data + bytes(clusters * cs - len(data)))
+        self.file.sync()
+        old_off, old_size = self.h.l1_table_offset, self.h.l1_size
+        self.file.pwrite(L.OFF_L1_SIZE, L.L1_UPDATE.pack(entries, host))
+        self.file.sync()
+        self.h.l1_size, self.h.l1_table_offset = entries, host
+        self.l1 = new_l1
+        if old_size:
+            for c in range(old_off >> cb, (old_off + old_size * 8 - 1 >> cb) + 1):
+                if self._add_refcount(c, -1) == 0:
+                    self._free_hint = min(self._free_hint, c)
+            self._write_refcounts()
+
+    def _alloc_contiguous(self, clusters: int) -> int:
+        """``clusters`` contiguous new clusters (tables bigger than one cluster), placed past
+        the end of everything allocated, with any refcount blocks they need right after them
+        (those blocks describe the run and themselves)."""
+        cb, rb = self.cb, self.rb_entries
+        if clusters == 1:
+            return self._alloc_clusters(1)[0]
+        while True:
+            start = -(-self._host_end // self.cs)
+            blocks = 0
+            while True:
+                span = range(start // rb, (start + clusters + blocks - 1) // rb + 1)
+                missing = [t for t in span if t >= len(self.reftable) or not self.reftable[t]]
+                if len(missing) == blocks:
+                    break
+                blocks = len(missing)
+            if missing and missing[-1] >= len(self.reftable):
+                self._grow_reftable(missing[-1] + 1)
+                continue
+            break
+        for j, t in enumerate(missing):
+            offset = (start + clusters + j) << cb
+            block = RefcountBlock(bytes(self.cs), self.refcount_bits)
+            block.dirty = True
+            self.rc_cache.put_new(offset, block)
+            self.reftable[t] = offset
+            self._reftable_dirty.add(t)
+        for c in range(start, start + clusters + blocks):
+            self._add_refcount(c, 1)
+        self._host_end = (start + clusters + blocks) << cb
+        return start << cb
 
     # -- flush ----------------------------------------------------------------------------------
 
