@@ -23,9 +23,11 @@ Lazy refcounts are never used for writing (updates are always ordered); the feat
 from __future__ import annotations
 
 import io
+import os
 import threading
 import zlib
 from array import array
+from collections.abc import Mapping
 from typing import Any, Self
 
 import zstandard
@@ -52,6 +54,7 @@ from imgfs.formats.qcow2.cache import (
     decode_u64,
     encode_u64,
 )
+from imgfs.formats.qcow2.create import CREATE_OPTIONS, create_image
 
 # Segment kinds produced by the mapper.
 DATA, ZERO, UNALLOC, COMPRESSED = 0, 1, 2, 3
@@ -118,6 +121,7 @@ class Qcow2Driver(BlockDriver):
         self._pending_free: list[tuple[int, int]] = []  # (host offset, length) to unreference
         self._host_end = file.size()
         self._decompressed: tuple[int, bytes] | None = None
+        self._compress_cursor = 0  # host byte offset where the last compressed cluster ended
         l2_cache_bytes = self._l2_cache_size(options)
         self.l2_cache_bytes = l2_cache_bytes
         self.l2_cache: TableCache[L2Table] = TableCache(
@@ -1040,6 +1044,113 @@ class Qcow2Driver(BlockDriver):
         self._set_entry(gci, *self._zero_entry(0))
         self._release_old(entry)
 
+    # -- create and compressed writes -----------------------------------------------------------
+
+    create_options = CREATE_OPTIONS
+
+    @classmethod
+    def create(cls, path: str, size: int, options: Mapping[str, str]) -> None:
+        create_image(path, size, options)
+
+    def preallocate(self, mode: str) -> None:
+        """Point every guest cluster at a host cluster (``metadata``), and reserve
+        (``falloc``) or write (``full``) the host space of the data clusters too."""
+        cs, cb = self.cs, self.cb
+        nclusters = -(-self.h.size // cs)
+        target = self.data_file or self.file
+        runs: list[tuple[int, int]] = []
+        with self._lock:
+            gci = 0
+            while gci < nclusters:
+                want = min(nclusters - gci, MAX_SEGMENT_CLUSTERS)
+                if self.data_file is not None:
+                    host, count = gci << cb, want
+                else:
+                    host, count = self._alloc_clusters(want)
+                runs.append((host, count * cs))
+                for i in range(count):
+                    bitmap = L.SUBCLUSTER_ALL if self.extl2 else 0
+                    self._set_entry(gci + i, (host + i * cs) | L.OFLAG_COPIED, bitmap)
+                gci += count
+            if self.data_file is None and self.file.size() < self._host_end:
+                self.file.truncate(self._host_end)
+            chunk = bytes(min(1 << 20, nclusters * cs)) if mode == "full" else b""
+            for host, length in runs:
+                if mode == "falloc":
+                    os.posix_fallocate(target.fd, host, length)
+                elif mode == "full":
+                    pos = host
+                    while pos < host + length:
+                        n = min(len(chunk), host + length - pos)
+                        target.pwrite(pos, chunk[:n])
+                        pos += n
+            self._flush_locked()
+
+    def compressed_write_unit(self) -> int:
+        return self.cs
+
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._writable()
+        if self.data_file is not None:
+            raise Unsupported(f"{self.file.path}: qcow2 images with a data file have no "
+                              "compressed clusters")  # fmt: skip
+        cs, cb = self.cs, self.cb
+        if offset % cs:
+            raise InvalidRequest(f"{self.file.path}: compressed write at {offset} not aligned")
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            n = min(cs, len(view) - pos)
+            chunk = bytes(view[pos : pos + n])
+            if n < cs:
+                if offset + pos + n != self.h.size:
+                    raise InvalidRequest(f"{self.file.path}: short compressed write of {n}")
+                chunk += bytes(cs - n)
+            blob = self._compress(chunk)
+            if blob is None:
+                self.write(offset + pos, view[pos : pos + n])
+            else:
+                with self._lock:
+                    self._before_write()
+                    self._store_compressed((offset + pos) >> cb, blob)
+            pos += n
+
+    def _compress(self, chunk: bytes) -> bytes | None:
+        if self.h.compression_type == L.COMPRESSION_ZSTD:
+            blob = zstandard.ZstdCompressor().compress(chunk)
+        else:
+            # A 4 KiB window, so that readers with a small window (QEMU uses 12 bits) decode it.
+            c = zlib.compressobj(6, zlib.DEFLATED, -12)
+            blob = c.compress(chunk) + c.flush()
+        return blob if len(blob) < self.cs else None
+
+    def _store_compressed(self, gci: int, blob: bytes) -> None:
+        """Append a compressed cluster after the previous one when it fits in that host
+        cluster (which then gains a reference), else in a new cluster."""
+        cs, cb = self.cs, self.cb
+        n = len(blob)
+        cursor = self._compress_cursor
+        host = None
+        if cursor % cs and cursor % cs + n <= cs:
+            block, i = self._refblock_for(cursor >> cb)
+            if block is not None and 0 < block.get(i) < block.max_value:
+                self._add_refcount(cursor >> cb, 1)
+                host = cursor
+        if host is None:
+            host = self._alloc_clusters(1)[0]
+        self.file.pwrite(host, blob)
+        end = host + n
+        self._compress_cursor = end
+        if self.file.size() < -(-end // cs) * cs:
+            self.file.truncate(-(-end // cs) * cs)
+        x = 62 - (cb - 8)
+        nsec = ((end - 1) >> 9) - (host >> 9)
+        entry = L.OFLAG_COMPRESSED | (nsec << x) | host
+        old_entry, _ = self._entry(gci)
+        self._set_entry(gci, entry, 0)
+        self._release_old(old_entry)
+        self._decompressed = None
+
     # -- resize ---------------------------------------------------------------------------------
 
     def resize(self, new_size: int) -> None:
@@ -1154,6 +1265,7 @@ class Qcow2Driver(BlockDriver):
 
     def _apply_pending_frees(self) -> None:
         pending, self._pending_free = self._pending_free, []
+        self._compress_cursor = 0  # its cluster may be freed and reused now
         cb = self.cb
         for start, size in pending:
             first = start >> cb
