@@ -32,6 +32,10 @@ class _Counter:
         self.cb = drv.cb
         self.res = res
         self.counts = array("I", bytes(4 * nb_clusters))
+        # qemu-img check's statistics of the active L1 table.
+        self.allocated = 0
+        self.fragmented = 0
+        self.compressed = 0
 
     def add(self, offset: int, size: int, what: str) -> None:
         if size <= 0:
@@ -67,7 +71,7 @@ def check_image(drv: Qcow2Driver, repair: RepairMode) -> CheckResult:
     # Header cluster (with extensions and backing name).
     add(0, cs, "header")
     # Active L1 and everything under it.
-    _count_l1(drv, counter, h.l1_table_offset, h.l1_size, active=True, fix_copied=fix_copied)
+    _count_l1(drv, counter, h.l1_table_offset, h.l1_size, active=True)
     # Snapshots: the table, their L1 tables, and what those reference.
     if h.nb_snapshots:
         size = sum(
@@ -76,7 +80,7 @@ def check_image(drv: Qcow2Driver, repair: RepairMode) -> CheckResult:
         )
         add(h.snapshots_offset, size, "snapshot table")
         for s in drv.snapshots:
-            _count_l1(drv, counter, s.l1_table_offset, s.l1_size, active=False, fix_copied=False)
+            _count_l1(drv, counter, s.l1_table_offset, s.l1_size, active=False)
     # Refcount table and blocks.
     add(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
     for t, entry in enumerate(drv.reftable):
@@ -137,7 +141,9 @@ def check_image(drv: Qcow2Driver, repair: RepairMode) -> CheckResult:
                 continue
             res.corruptions += 1
             res.messages.append(f"ERROR cluster {c} refcount={have} reference={want}")
-    if changed or fix_copied:
+    # COPIED flags are checked against the refcounts as repaired.
+    changed = _check_copied(drv, res, fix_copied) or changed
+    if changed:
         drv._write_refcounts()
         drv._flush_locked()
     if repair is not RepairMode.NONE and h.incompatible & L.INCOMPAT_DIRTY and not res.corruptions:
@@ -146,9 +152,9 @@ def check_image(drv: Qcow2Driver, repair: RepairMode) -> CheckResult:
         drv._write_header_field(L.OFF_INCOMPAT, L.U64.pack(h.incompatible))
     res.image_end_offset = (highest + 1) * cs
     res.total_clusters = -(-h.size // cs)
-    res.allocated_clusters = counter.allocated if hasattr(counter, "allocated") else 0
-    res.fragmented_clusters = getattr(counter, "fragmented", 0)
-    res.compressed_clusters = getattr(counter, "compressed", 0)
+    res.allocated_clusters = counter.allocated
+    res.fragmented_clusters = counter.fragmented
+    res.compressed_clusters = counter.compressed
     return res
 
 
@@ -163,18 +169,13 @@ def _set_refcount(drv: Qcow2Driver, cluster: int, value: int) -> bool:
 
 
 def _count_l1(
-    drv: Qcow2Driver, counter: _Counter, l1_offset: int, l1_size: int, *, active: bool,
-    fix_copied: bool,
-) -> None:  # fmt: skip
+    drv: Qcow2Driver, counter: _Counter, l1_offset: int, l1_size: int, *, active: bool
+) -> None:
     res = counter.res
-    cs, cb = drv.cs, drv.cb
+    cs = drv.cs
     add = counter.add
     add(l1_offset, l1_size * 8, "L1 table")
     l1 = drv.l1 if active else decode_u64(drv.file.pread(l1_offset, l1_size * 8))
-    if active:
-        counter.allocated = 0  # type: ignore[attr-defined]
-        counter.fragmented = 0  # type: ignore[attr-defined]
-        counter.compressed = 0  # type: ignore[attr-defined]
     next_contiguous = 0
     words = drv.l2_words
     for i, l1e in enumerate(l1):
@@ -186,17 +187,11 @@ def _count_l1(
             res.messages.append(f"ERROR L2 table offset {l2_off} of L1 entry {i} unaligned")
             continue
         add(l2_off, cs, "L2 table")
+        next_contiguous = 0  # qemu-img counts fragmentation within each L2 table
         if active:
-            rc = drv.refcount(l2_off >> cb)
-            if (rc == 1) != bool(l1e & L.OFLAG_COPIED):
-                if fix_copied:
-                    drv._set_l1(i, l2_off | (L.OFLAG_COPIED if rc == 1 else 0))
-                    res.corruptions_fixed += 1
-                else:
-                    res.corruptions += 1
-                    res.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i}")
-        table = drv.l2_cache.get(l2_off) if active else None
-        table_words = table.words if table is not None else decode_u64(drv.file.pread(l2_off, cs))
+            table_words = drv.l2_cache.get(l2_off).words
+        else:
+            table_words = decode_u64(drv.file.pread(l2_off, cs))
         for j in range(0, len(table_words), words):
             e = table_words[j]
             if not e:
@@ -210,9 +205,9 @@ def _count_l1(
                     continue
                 add(start, size, "compressed cluster")
                 if active:
-                    counter.allocated += 1  # type: ignore[attr-defined]
-                    counter.compressed += 1  # type: ignore[attr-defined]
-                    counter.fragmented += 1  # type: ignore[attr-defined]
+                    counter.allocated += 1
+                    counter.compressed += 1
+                    counter.fragmented += 1
                 continue
             host = e & L.L2E_OFFSET_MASK
             if not host and not (drv.data_file is not None and e & L.OFLAG_COPIED):
@@ -222,21 +217,51 @@ def _count_l1(
                 res.messages.append(f"ERROR cluster offset {host} unaligned")
                 continue
             if active:
-                counter.allocated += 1  # type: ignore[attr-defined]
+                counter.allocated += 1
                 if next_contiguous and host != next_contiguous:
-                    counter.fragmented += 1  # type: ignore[attr-defined]
+                    counter.fragmented += 1
                 next_contiguous = host + cs
             if drv.data_file is not None:
                 continue  # data file clusters are not refcounted
             add(host, cs, "data cluster")
-            if active:
-                rc = drv.refcount(host >> cb)
-                if (rc == 1) != bool(e & L.OFLAG_COPIED):
-                    if fix_copied:
-                        assert table is not None
-                        table.words[j] = (e & ~L.OFLAG_COPIED) | (L.OFLAG_COPIED if rc == 1 else 0)
-                        table.dirty = True
-                        res.corruptions_fixed += 1
-                    else:
-                        res.corruptions += 1
-                        res.messages.append(f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x}")
+
+
+def _check_copied(drv: Qcow2Driver, res: CheckResult, fix: bool) -> bool:
+    """Active L1/L2 entries must have COPIED set exactly when the refcount is one."""
+    cb = drv.cb
+    changed = False
+    for i, l1e in enumerate(drv.l1):
+        l2_off = l1e & L.L1E_OFFSET_MASK
+        if not l2_off or l2_off % drv.cs:
+            continue
+        rc = drv.refcount(l2_off >> cb)
+        if (rc == 1) != bool(l1e & L.OFLAG_COPIED):
+            if fix:
+                drv._set_l1(i, l2_off | (L.OFLAG_COPIED if rc == 1 else 0))
+                res.corruptions_fixed += 1
+                changed = True
+            else:
+                res.corruptions += 1
+                res.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} refcount={rc}")
+        if drv.data_file is not None:
+            continue
+        table = drv.l2_cache.get(l2_off)
+        words = table.words
+        for j in range(0, len(words), drv.l2_words):
+            e = words[j]
+            host = e & L.L2E_OFFSET_MASK
+            if e & L.OFLAG_COMPRESSED or not host or host % drv.cs:
+                continue
+            rc = drv.refcount(host >> cb)
+            if (rc == 1) != bool(e & L.OFLAG_COPIED):
+                if fix:
+                    words[j] = (e & ~L.OFLAG_COPIED) | (L.OFLAG_COPIED if rc == 1 else 0)
+                    table.dirty = True
+                    res.corruptions_fixed += 1
+                    changed = True
+                else:
+                    res.corruptions += 1
+                    res.messages.append(
+                        f"ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
+                    )
+    return changed
