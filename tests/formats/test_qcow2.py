@@ -301,3 +301,18 @@ def test_info_matches_qemu_format_specific(tmp_path: Path) -> None:
         assert spec == q["format-specific"]["data"]
         assert ours["cluster-size"] == q["cluster-size"]
         assert ours["virtual-size"] == q["virtual-size"]
+
+
+def test_cheap_reads_off_when_reads_decompress(tmp_path: Path) -> None:
+    plain = create(tmp_path / "p.qcow2", 1 * MiB)
+    qemu_io(plain, "write -P 1 0 64k")
+    src = tmp_path / "s.raw"
+    src.write_bytes(b"abc" * 100_000)
+    packed = tmp_path / "c.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", str(src), str(packed))
+    for img, cheap in ((plain, True), (packed, False)):
+        disk = open_disk(str(img), read_only=True)
+        try:
+            assert disk.top.cheap_reads is cheap
+        finally:
+            disk.close()

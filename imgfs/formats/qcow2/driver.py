@@ -240,11 +240,25 @@ class Qcow2Driver(BlockDriver):
             self.bitmaps = L.parse_bitmap_directory(
                 bytes(self.file.pread(dir_offset, dir_size)), nb, path
             )
-        # Compressed clusters decompress on reads: zstd images at least, so say so up front.
-        if h.compression_type != L.COMPRESSION_ZLIB:
+        # Reads that decompress are not cheap: say so for zstd images and for images whose
+        # first L2 tables hold compressed clusters (a sample, so open stays fast).
+        if h.compression_type != L.COMPRESSION_ZLIB or self._sample_compressed():
             self.cheap_reads = False  # type: ignore[misc]
         if not self.read_only:
             self._open_for_write()
+
+    def _sample_compressed(self, tables: int = 8) -> bool:
+        for l1e in self.l1:
+            offset = l1e & L.L1E_OFFSET_MASK
+            if not offset or offset % self.cs or offset >= self._host_end:
+                continue
+            words = self.l2_cache.get(offset).words
+            if any(w & L.OFLAG_COMPRESSED for w in words[:: self.l2_words]):
+                return True
+            tables -= 1
+            if tables == 0:
+                break
+        return False
 
     def _read_snapshots(self, file_size: int) -> list[L.Snapshot]:
         h = self.h
