@@ -215,3 +215,52 @@ def test_cluster_granular_write_allocates_once(tmp_path: Path) -> None:
         disk.close()
     check = assert_check_clean(img)
     assert check["allocated-clusters"] == 1
+
+
+def test_persistent_bitmaps_marked_in_use(tmp_path: Path) -> None:
+    img = create(tmp_path / "b.qcow2", 4 * MiB)
+    run("qemu-img", "bitmap", "--add", str(img), "bm0")
+    qemu_io(img, "write -P 1 0 64k")
+    disk = open_disk(str(img))
+    try:
+        assert disk.top.info().format_specific["bitmaps"][0]["flags"] == ["auto"]
+        disk.write(100_000, b"x" * 1000)
+        disk.flush()
+    finally:
+        disk.close()
+    info = json.loads(run("qemu-img", "info", "--output=json", str(img)))
+    assert info["format-specific"]["data"]["bitmaps"][0]["flags"] == ["in-use", "auto"]
+    assert_check_clean(img)
+    qemu_io(img, "read -P 1 0 64k", "read -P 0x78 100000 1000")
+
+
+def test_unknown_autoclear_bits_cleared_on_writable_open(tmp_path: Path) -> None:
+    img = create(tmp_path / "a.qcow2", 1 * MiB)
+    with open(img, "r+b") as f:
+        f.seek(88)
+        f.write((1 << 40).to_bytes(8, "big"))
+    disk = open_disk(str(img), read_only=True)
+    disk.close()
+    assert int.from_bytes(img.read_bytes()[88:96], "big") == 1 << 40  # read-only: untouched
+    disk = open_disk(str(img))
+    try:
+        assert any("auto-clear" in n for n in disk.top.info().notes)
+    finally:
+        disk.close()
+    assert int.from_bytes(img.read_bytes()[88:96], "big") == 0
+    assert_check_clean(img)
+
+
+def test_extended_l2_with_data_file(tmp_path: Path) -> None:
+    img = create(tmp_path / "x.qcow2", 3 * MiB, "extended_l2=on,data_file=x.bin")
+    model = bytearray(3 * MiB)
+    disk = open_disk(str(img))
+    try:
+        random_writes(disk, model, random.Random(9), 30)
+        disk.write_zeroes(65536 + 2048, 4096, may_unmap=False)
+        model[65536 + 2048 : 65536 + 2048 + 4096] = bytes(4096)
+        disk.flush()
+    finally:
+        disk.close()
+    assert_check_clean(img)
+    assert_compare(img, bytes(model), tmp_path)
