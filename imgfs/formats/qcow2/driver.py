@@ -135,7 +135,7 @@ class Qcow2Driver(BlockDriver):
         text = options.driver_options.get("l2-cache-size")
         if text is not None:
             size = parse_size(text, "l2-cache-size")
-            if size > 1 << 34:
+            if size > 1 << 30:
                 raise InvalidRequest(f"l2-cache-size {text!r} is too large")
             return max(2 * self.cs, size)
         # Enough to cover the whole disk, capped as QEMU caps it.
@@ -148,14 +148,19 @@ class Qcow2Driver(BlockDriver):
     def probe(cls, probe: ProbeInput) -> int:
         if len(probe.head) >= 8 and probe.head[:4] == L.MAGIC:
             version = int.from_bytes(probe.head[4:8], "big")
-            return 100 if version in (2, 3) else 50
+            if version in (2, 3):
+                return 100
+            return 50 if version > 3 else 0  # version 1 is the older qcow format
         return 0
 
     @classmethod
     def companion_files(cls, path: str) -> list[str]:
         try:
             with open(path, "rb") as f:
-                head = f.read(L.MAX_EXTENSION_AREA)
+                head = f.read(4096)
+                cluster_bits = int.from_bytes(head[20:24], "big")
+                if 12 < cluster_bits <= L.MAX_CLUSTER_BITS:
+                    head += f.read((1 << cluster_bits) - len(head))
             h = L.parse_header(head, path)
         except Exception:
             return []
@@ -424,14 +429,22 @@ class Qcow2Driver(BlockDriver):
         pos = offset
         sub_size, sub_bits, cb = self.sub_size, self.sub_bits, self.cb
         subs_per_cluster = self.cs >> sub_bits
+        cmask = self.cs - 1
         while pos < end:
             gci = pos >> cb
             entry, bitmap = self._entry(gci)
             cluster_end = min(end, (gci + 1) << cb)
-            if entry & L.OFLAG_COMPRESSED or not self.extl2:
+            if (
+                not self.extl2
+                or entry & L.OFLAG_COMPRESSED
+                or bitmap in (L.SUBCLUSTER_ALL, 0, L.SUBCLUSTER_ALL << 32)
+            ):
+                # One state for the whole cluster (with extended L2: all subclusters alike).
                 pieces = [(pos, cluster_end, 0)]
+                in_mask = cmask
             else:
                 pieces = []
+                in_mask = sub_size - 1
                 p = pos
                 while p < cluster_end:
                     s = (p >> sub_bits) & (subs_per_cluster - 1)
@@ -441,7 +454,7 @@ class Qcow2Driver(BlockDriver):
             for p, q, s in pieces:
                 kind, host = self._classify(entry, bitmap, s)
                 if kind == DATA:
-                    host += p & (sub_size - 1) if self.extl2 else p & (self.cs - 1)
+                    host += p & in_mask
                     if host + (q - p) > L.MAX_HOST_OFFSET:
                         raise CorruptImage(f"{self.file.path}: qcow2 host offset {host} invalid")
                 if out:
@@ -1358,6 +1371,6 @@ class Qcow2Driver(BlockDriver):
         if repair is not RepairMode.NONE:
             self._writable()
         with self._lock:
-            if repair is not RepairMode.NONE:
-                self._flush_locked()
+            # Deferred frees and dirty tables first, so on-disk and in-memory state agree.
+            self._flush_locked()
             return check_image(self, repair)
