@@ -313,3 +313,40 @@ def test_cheap_reads_off_when_reads_decompress(tmp_path: Path) -> None:
             assert disk.top.cheap_reads is cheap
         finally:
             disk.close()
+
+
+def test_unknown_incompatible_bit_named_from_feature_table(tmp_path: Path) -> None:
+    img = create(tmp_path / "f.qcow2", 1 * MiB)
+    data = bytearray(img.read_bytes())
+    # qemu-img writes a feature name table; rename the entry for incompatible bit 4 to bit 9.
+    pos = data.index(b"extended L2")
+    assert data[pos - 2] == 0 and data[pos - 1] == 4
+    data[pos - 1] = 9
+    data[72:80] = (1 << 9).to_bytes(8, "big")
+    img.write_bytes(data)
+    with pytest.raises(Unsupported, match=r"bit 9 \(.extended L2 entries.\)"):
+        open_disk(str(img), read_only=True)
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_garbage_compressed_cluster_is_corrupt(tmp_path: Path, ctype: str) -> None:
+    src = tmp_path / "s.raw"
+    src.write_bytes(b"hello " * 20000)
+    img = tmp_path / "c.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}",
+        str(src), str(img))  # fmt: skip
+    disk = open_disk(str(img), read_only=True)
+    try:
+        entry = disk.top._entry(0)[0]
+        start, size = disk.top._compressed_range(entry)
+    finally:
+        disk.close()
+    with open(img, "r+b") as f:
+        f.seek(start)
+        f.write(bytes(range(256)) * (size // 256 + 1))
+    disk = open_disk(str(img), read_only=True)
+    try:
+        with pytest.raises(CorruptImage, match="compressed cluster"):
+            disk.read(0, 4096)
+    finally:
+        disk.close()

@@ -32,6 +32,20 @@ CREATE_OPTIONS: dict[str, str] = {
 }
 
 
+# The feature name table QEMU writes, so tools that do not know a bit can still name it.
+FEATURE_NAMES = [
+    (0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 2, "external data file"),
+    (0, 3, "compression type"), (0, 4, "extended L2 entries"), (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"), (2, 1, "raw external data"),
+]  # fmt: skip
+
+
+def _feature_table() -> bytes:
+    return b"".join(
+        bytes([kind, bit]) + name.encode().ljust(46, b"\0") for kind, bit, name in FEATURE_NAMES
+    )
+
+
 def _bool(options: Mapping[str, str], key: str) -> bool:
     value = options.get(key, "off").strip().lower()
     if value in ("on", "true", "yes", "1"):
@@ -135,6 +149,8 @@ def create_image(path: str, size: int, options: Mapping[str, str]) -> None:
     )  # fmt: skip
     if backing_fmt:
         h.extensions.append((L.EXT_BACKING_FORMAT, backing_fmt.encode()))
+    if version == 3:
+        h.extensions.append((L.EXT_FEATURE_TABLE, _feature_table()))
     if data_file:
         h.extensions.append((L.EXT_DATA_FILE, data_file.encode()))
     fixed = h.pack_fixed()

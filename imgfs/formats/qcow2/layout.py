@@ -178,12 +178,6 @@ def parse_header(buf: bytes, path: str) -> Header:
             h.compression_type = buf[COMPRESSION_TYPE_OFFSET]
     if h.refcount_order > 6:
         raise CorruptImage(f"{path}: qcow2 refcount_order {h.refcount_order} exceeds 6")
-    unknown = h.incompatible & ~INCOMPAT_KNOWN
-    if unknown:
-        bit = (unknown & -unknown).bit_length() - 1
-        raise Unsupported(
-            f"{path}: qcow2 incompatible feature bit {bit} (mask 0x{unknown:x}) is not supported"
-        )
     if h.crypt_method != 0:
         raise Unsupported(f"{path}: encrypted qcow2 images are not supported yet")
     if bool(h.incompatible & INCOMPAT_COMPRESSION) != (h.compression_type != COMPRESSION_ZLIB):
@@ -249,7 +243,25 @@ def parse_header(buf: bytes, path: str) -> Header:
             )
         h.extensions.append((ext_type, bytes(buf[pos : pos + length])))
         pos += length + (-length % 8)
+    unknown = h.incompatible & ~INCOMPAT_KNOWN
+    if unknown:
+        bit = (unknown & -unknown).bit_length() - 1
+        name = feature_name(h, 0, bit)
+        raise Unsupported(
+            f"{path}: qcow2 incompatible feature bit {bit}"
+            + (f" ({name!r})" if name else "")
+            + f" (mask 0x{unknown:x}) is not supported"
+        )
     return h
+
+
+def feature_name(h: Header, kind: int, bit: int) -> str | None:
+    """The name the image's feature name table gives a feature bit, if any."""
+    table = h.extension(EXT_FEATURE_TABLE) or b""
+    for i in range(0, len(table) - 47, 48):
+        if table[i] == kind and table[i + 1] == bit:
+            return table[i + 2 : i + 48].rstrip(b"\0").decode("utf-8", "replace")
+    return None
 
 
 @dataclass(frozen=True, slots=True)
