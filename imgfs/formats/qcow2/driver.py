@@ -1303,7 +1303,26 @@ class Qcow2Driver(BlockDriver):
                     self._free_hint = min(self._free_hint, c)
             self._decompressed = None
 
+    def _metadata_dirty(self) -> bool:
+        return bool(
+            self.l2_cache.has_dirty()
+            or self.rc_cache.has_dirty()
+            or self._reftable_dirty
+            or self._l1_dirty_lo is not None
+            or self._pending_free
+        )
+
     def close(self) -> None:
+        # The Disk flushes before closing; metadata still dirty here means a write reached the
+        # driver without the Disk knowing (write_compressed called on the driver directly).
+        # Writing it out beats losing it.
+        try:
+            if not self.read_only and self._metadata_dirty():
+                self.flush()
+        finally:
+            self._close_files()
+
+    def _close_files(self) -> None:
         try:
             if self.data_file is not None:
                 self.data_file.close()
