@@ -264,3 +264,37 @@ def test_extended_l2_with_data_file(tmp_path: Path) -> None:
         disk.close()
     assert_check_clean(img)
     assert_compare(img, bytes(model), tmp_path)
+
+
+def test_reads_never_see_a_freed_cluster_reused(tmp_path: Path) -> None:
+    # One thread keeps freeing guest cluster 0 and reusing host clusters for cluster 1;
+    # readers of cluster 0 must see its old data or zeros, never cluster 1's.
+    img = create(tmp_path / "r.qcow2", 1 * MiB, "cluster_size=4096")
+    disk = open_disk(str(img))
+    stop = threading.Event()
+    bad: list[bytes] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            data = bytes(disk.read(0, 4096))
+            if data not in (b"A" * 4096, bytes(4096)):
+                bad.append(data[:16])
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in readers:
+        t.start()
+    try:
+        for _ in range(300):
+            disk.write(0, b"A" * 4096)
+            disk.discard(0, 4096)
+            disk.flush()
+            disk.write(4096, b"B" * 4096)
+            disk.discard(4096, 4096)
+            disk.flush()
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+        disk.close()
+    assert not bad
+    assert_check_clean(img)

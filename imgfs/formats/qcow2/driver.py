@@ -112,6 +112,9 @@ class Qcow2Driver(BlockDriver):
         self.bitmap_directory_offset = 0
         self._bitmaps_marked = False
         self._lock = threading.RLock()
+        # Reads map under the lock but do their I/O outside it; frees wait for them.
+        self._inflight = 0
+        self._inflight_cv = threading.Condition(threading.Lock())
         self.l1 = array(U64_CODE)
         self._l1_dirty_lo: int | None = None
         self._l1_dirty_hi = 0
@@ -471,6 +474,26 @@ class Qcow2Driver(BlockDriver):
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         with self._lock:
             segments = self._segments(offset, length)
+            with self._inflight_cv:
+                self._inflight += 1
+        try:
+            return self._read_segments(offset, length, segments)
+        finally:
+            with self._inflight_cv:
+                self._inflight -= 1
+                if not self._inflight:
+                    self._inflight_cv.notify_all()
+
+    def _wait_for_readers(self) -> None:
+        """Called with the metadata lock held (so no read can map anything new): wait until
+        reads that mapped host clusters before now have finished their I/O."""
+        with self._inflight_cv:
+            while self._inflight:
+                self._inflight_cv.wait()
+
+    def _read_segments(
+        self, offset: int, length: int, segments: list[tuple[int, int, int, int]]
+    ) -> bytes | bytearray | memoryview:
         data_file = self.data_file or self.file
         if len(segments) == 1:
             kind, g, n, host = segments[0]
@@ -1291,6 +1314,8 @@ class Qcow2Driver(BlockDriver):
         self.file.sync()
 
     def _apply_pending_frees(self) -> None:
+        # A read may still be using a cluster it mapped before it was unreferenced.
+        self._wait_for_readers()
         pending, self._pending_free = self._pending_free, []
         self._compress_cursor = 0  # its cluster may be freed and reused now
         cb = self.cb
