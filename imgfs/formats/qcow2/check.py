@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from imgfs.block.driver import CheckResult, RepairMode
 from imgfs.errors import CorruptImage
 from imgfs.formats.qcow2 import layout as L
-from imgfs.formats.qcow2.cache import decode_u64
+from imgfs.formats.qcow2.cache import U64_CODE, RefcountBlock, decode_u64, encode_u64
 
 if TYPE_CHECKING:
     from imgfs.formats.qcow2.driver import Qcow2Driver
@@ -55,7 +55,7 @@ class _Counter:
             counts[c] += 1
 
 
-def check_image(drv: Qcow2Driver, repair: RepairMode) -> CheckResult:
+def check_image(drv: Qcow2Driver, repair: RepairMode, *, rebuilt: bool = False) -> CheckResult:
     res = CheckResult()
     h = drv.h
     cs = drv.cs
@@ -82,16 +82,20 @@ def check_image(drv: Qcow2Driver, repair: RepairMode) -> CheckResult:
         for s in drv.snapshots:
             _count_l1(drv, counter, s.l1_table_offset, s.l1_size, active=False)
     # Refcount table and blocks.
+    refcount_structures = [(h.refcount_table_offset, h.refcount_table_clusters * cs)]
     add(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
+    need_rebuild = False
     for t, entry in enumerate(drv.reftable):
         off = entry & L.REFT_OFFSET_MASK
         if not off:
             continue
-        if off % cs:
+        if off % cs or off >= max(file_size, cs) or entry & ~L.REFT_OFFSET_MASK:
             res.corruptions += 1
-            res.messages.append(f"ERROR refcount block {t} is not cluster aligned")
+            res.messages.append(f"ERROR refcount block {t} has an invalid offset {entry:#x}")
+            need_rebuild = True
             continue
         add(off, cs, "refcount block")
+        refcount_structures.append((off, cs))
     # Bitmaps: the directory, each bitmap table and its data clusters.
     if drv.bitmaps:
         ext = h.extension(L.EXT_BITMAPS)
@@ -121,7 +125,7 @@ def check_image(drv: Qcow2Driver, repair: RepairMode) -> CheckResult:
     limit = len(drv.reftable) * rb
     for c in range(max(total, 0)):
         want = counts[c] if c < len(counts) else 0
-        have = drv.refcount(c) if c < limit else 0
+        have = _image_refcount(drv, c) if c < limit else 0
         if have or want:
             highest = c
         if have == want:
@@ -135,12 +139,23 @@ def check_image(drv: Qcow2Driver, repair: RepairMode) -> CheckResult:
             res.leaks += 1
             res.messages.append(f"Leaked cluster {c} refcount={have} reference={want}")
         else:
-            if repair is RepairMode.ALL and _set_refcount(drv, c, want):
-                res.corruptions_fixed += 1
-                changed = True
-                continue
+            if repair is RepairMode.ALL:
+                if _set_refcount(drv, c, want):
+                    res.corruptions_fixed += 1
+                    changed = True
+                    continue
+                need_rebuild = True  # no usable refcount block for this cluster
             res.corruptions += 1
             res.messages.append(f"ERROR cluster {c} refcount={have} reference={want}")
+    if need_rebuild and repair is RepairMode.ALL and not rebuilt:
+        drv._write_refcounts()
+        drv._flush_locked()
+        _rebuild_refcounts(drv, counts, refcount_structures)
+        again = check_image(drv, RepairMode.ALL, rebuilt=True)
+        again.corruptions_fixed += res.corruptions + res.corruptions_fixed
+        again.leaks_fixed += res.leaks + res.leaks_fixed
+        again.messages[:0] = res.messages + ["refcount structures rebuilt"]
+        return again
     # COPIED flags are checked against the refcounts as repaired.
     changed = _check_copied(drv, res, fix_copied) or changed
     if changed:
@@ -158,8 +173,68 @@ def check_image(drv: Qcow2Driver, repair: RepairMode) -> CheckResult:
     return res
 
 
+def _image_refcount(drv: Qcow2Driver, cluster: int) -> int:
+    try:
+        return drv.refcount(cluster)
+    except CorruptImage:
+        return 0  # an unusable refcount block: counted as a refcount error
+
+
+def _rebuild_refcounts(drv: Qcow2Driver, counts: array, old: list[tuple[int, int]]) -> None:
+    """Write a new refcount table and blocks from the rebuilt counts, past the end of
+    everything in use, then switch the header to them. The old structures become free."""
+    cs, cb, rb = drv.cs, drv.cb, drv.rb_entries
+    counts = array("I", counts)
+    for off, size in old:
+        for c in range(off >> cb, (off + size - 1 >> cb) + 1):
+            if c < len(counts) and counts[c]:
+                counts[c] -= 1
+    start = max(len(counts), -(-drv.file.size() // cs))
+    table_clusters, ranges = 1, []
+    while True:
+        end = start + table_clusters + len(ranges)
+        nranges = -(-end // rb)
+        want = [
+            r for r in range(nranges)
+            if (r + 1) * rb > start or any(counts[r * rb : (r + 1) * rb])
+        ]  # fmt: skip
+        want_clusters = max(1, -(-nranges * 8 // cs))
+        if (want, want_clusters) == (ranges, table_clusters):
+            break
+        ranges, table_clusters = want, want_clusters
+    end = start + table_clusters + len(ranges)
+    if table_clusters * cs > L.MAX_REFTABLE_BYTES:
+        raise CorruptImage(f"{drv.file.path}: rebuilt refcount table would be too large")
+    counts.extend(bytes(4 * (end - len(counts))))
+    for c in range(start, end):
+        counts[c] = 1
+    table = array(U64_CODE, bytes(table_clusters * cs))
+    for j, r in enumerate(ranges):
+        block = RefcountBlock(bytes(cs), drv.refcount_bits)
+        for i in range(rb):
+            c = r * rb + i
+            if c < len(counts) and counts[c]:
+                block.set(i, min(counts[c], block.max_value))
+        block_off = (start + table_clusters + j) << cb
+        drv.file.pwrite(block_off, block.to_bytes())
+        table[r] = block_off
+    drv.file.pwrite(start << cb, encode_u64(table))
+    drv.file.sync()
+    drv.file.pwrite(L.OFF_REFCOUNT_TABLE, L.REFTABLE_UPDATE.pack(start << cb, table_clusters))
+    drv.file.sync()
+    drv.h.refcount_table_offset, drv.h.refcount_table_clusters = start << cb, table_clusters
+    drv.reftable = table
+    drv.rc_cache.clear()
+    drv._reftable_dirty.clear()
+    drv._host_end = max(drv._host_end, end << cb)
+    drv._free_hint = 0
+
+
 def _set_refcount(drv: Qcow2Driver, cluster: int, value: int) -> bool:
-    block, i = drv._refblock_for(cluster)
+    try:
+        block, i = drv._refblock_for(cluster)
+    except CorruptImage:
+        return False
     if block is None:
         return False
     if value > block.max_value:
