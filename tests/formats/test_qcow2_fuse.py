@@ -7,7 +7,8 @@ import random
 import threading
 from pathlib import Path
 
-from tests.formats.qcow2_util import MiB, create, qemu_convert_raw, qemu_io
+from imgfs.formats.qcow2 import Qcow2Driver
+from tests.formats.qcow2_util import MiB, create, qemu_convert_raw, qemu_io, run
 from tests.formats.test_qcow2_write import assert_check_clean, assert_compare
 
 
@@ -53,3 +54,19 @@ def test_concurrent_writers_through_mount(images: Path, mount, tmp_path: Path) -
     assert_check_clean(img)
     assert_check_clean(base)
     assert_compare(img, bytes(model), tmp_path)
+
+
+def test_compressed_and_data_file_images_through_mount(images: Path, mount, tmp_path: Path) -> None:
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"".join(b"line %06d of compressible text\n" % i for i in range(60000)))
+    run("qemu-img", "convert", "-c", "-O", "qcow2", str(src), str(images / "packed.qcow2"))
+    ext = create(images / "ext.qcow2", 2 * MiB, "data_file=ext.bin")
+    qemu_io(ext, "write -P 0x33 4096 100000")
+    assert Qcow2Driver.companion_files(str(ext)) == ["ext.bin"]
+    m = mount(images)
+    assert sorted(p.name for p in m.path.iterdir()) == ["ext.qcow2.raw", "packed.qcow2.raw"]
+    assert m.file("packed.qcow2").read_bytes() == src.read_bytes().ljust(
+        m.file("packed.qcow2").stat().st_size, b"\0"
+    )
+    expected = qemu_convert_raw(ext, tmp_path / "ext.raw").read_bytes()
+    assert m.file("ext.qcow2").read_bytes() == expected
