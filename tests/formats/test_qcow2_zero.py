@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from imgfs.block.disk import open_disk
-from imgfs.errors import Unsupported
 from tests.formats.qcow2_util import KiB, MiB, create, qemu_convert_raw, qemu_io, run
 from tests.formats.test_qcow2_write import assert_check_clean, assert_compare
 
@@ -122,8 +121,6 @@ def test_resize_grows_l1(tmp_path: Path) -> None:
         assert disk.size == 300 * MiB
         disk.write(299 * MiB, b"y" * 5000)
         disk.flush()
-        with pytest.raises(Unsupported):
-            disk.resize(1 * MiB)
     finally:
         disk.close()
     assert_check_clean(img)
@@ -134,3 +131,22 @@ def test_resize_grows_l1(tmp_path: Path) -> None:
     assert data[1000:4000] == b"x" * 3000 and data[299 * MiB : 299 * MiB + 5000] == b"y" * 5000
     assert data.count(0) == len(data) - 8000
     assert KiB  # keep the import meaningful for readers
+
+
+@pytest.mark.parametrize("opts", ["compat=1.1", "compat=0.10", "extended_l2=on"])
+def test_shrink_then_grow_reads_zeros_not_backing(tmp_path: Path, opts: str) -> None:
+    base = create(tmp_path / "base.qcow2", 4 * MiB)
+    qemu_io(base, "write -P 0x55 0 4M")
+    img = create(tmp_path / "o.qcow2", 2 * MiB + 1024, opts, backing=base)
+    qemu_io(img, "write -P 0x66 1M 1M")
+    disk = open_disk(str(img))
+    try:
+        disk.resize(1 * MiB + 512)
+        disk.resize(3 * MiB)
+        assert disk.size == 3 * MiB
+        disk.flush()
+    finally:
+        disk.close()
+    model = bytearray(b"\x55" * MiB + b"\x66" * 512 + bytes(2 * MiB - 512))
+    assert_check_clean(img)
+    assert_compare(img, bytes(model), tmp_path)

@@ -1204,22 +1204,50 @@ class Qcow2Driver(BlockDriver):
     # -- resize ---------------------------------------------------------------------------------
 
     def resize(self, new_size: int) -> None:
-        """Grow the disk (the L1 table moves to a bigger one when needed). Shrinking is not
-        supported."""
+        """Grow (the L1 table moves to a bigger one when needed) or shrink (clusters past the
+        new end are freed) the disk. A grown range reads as zeros, never as the backing
+        image's data or as bytes left in a partial last cluster."""
         self._writable()
-        if new_size < self.h.size:
-            raise Unsupported(f"{self.file.path}: shrinking a qcow2 image is not supported")
-        if new_size % 512:
+        if new_size % 512 or new_size < 0:
             raise InvalidRequest(f"{self.file.path}: size {new_size} is not a multiple of 512")
+        old_size = self.h.size
         with self._lock:
             need = -(-new_size // (self.l2_entries * self.cs))
             if need * 8 > L.MAX_L1_BYTES:
                 raise InvalidRequest(f"{self.file.path}: size {new_size} is too large for qcow2")
             if need > len(self.l1):
                 self._grow_l1(need)
+            if new_size < old_size:
+                self._drop_clusters_from(-(-new_size // self.cs), -(-old_size // self.cs))
+                self._flush_locked()  # the tables no longer point past the end
             self.h.size = new_size
             self.file.pwrite(L.OFF_SIZE, L.U64.pack(new_size))
             self.file.sync()
+        if new_size > old_size:
+            self._zero_grown_range(old_size, new_size)
+
+    def _drop_clusters_from(self, first: int, last: int) -> None:
+        for gci in range(first, last):
+            entry, bitmap = self._entry(gci)
+            if entry or bitmap:
+                self._set_entry(gci, 0, 0)
+                self._drop_host(gci, entry, punch_data_file=True)
+
+    def _zero_grown_range(self, old_size: int, new_size: int) -> None:
+        cs = self.cs
+        # The rest of a partial last cluster may hold bytes (or backing data) past the old end.
+        tail_end = min(new_size, -(-old_size // cs) * cs)
+        if tail_end > old_size:
+            with self._lock:
+                kind = self._segments(old_size, 1)[0][0]
+            if kind != ZERO and (kind != UNALLOC or self.backing is not None):
+                self.write_zeroes(old_size, tail_end - old_size, may_unmap=False)
+        # Unallocated clusters past the old end would show a bigger backing image's data.
+        if self.backing is not None and self.backing.virtual_size > tail_end:
+            end = min(new_size, self.backing.virtual_size)
+            if end > tail_end:
+                self.write_zeroes(tail_end, end - tail_end, may_unmap=False)
+        self.flush()
 
     def _grow_l1(self, entries: int) -> None:
         cs, cb = self.cs, self.cb
