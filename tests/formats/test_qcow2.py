@@ -166,7 +166,7 @@ def test_l2_cache_size_option_is_bounded_and_reported(tmp_path: Path) -> None:
         "dfvfs/ext2.qcow2",
         "dfvfs/image.qcow2",
         pytest.param("dfvfs/vsstest.qcow2", marks=pytest.mark.slow),  # 1 GiB to hash
-        "dissect-hypervisor/basic.qcow2",
+        pytest.param("dissect-hypervisor/basic.qcow2", marks=pytest.mark.slow),  # zlib: as above
         "dissect-hypervisor/basic-zstd.qcow2",
         "dissect-hypervisor/backing-chain/backing-chain-1.qcow2",
     ],
