@@ -190,3 +190,52 @@ def test_missing_refcount_block_rebuilt_with_repair_all(tmp_path: Path) -> None:
         disk.close()
     after = qemu_check_json(img)
     assert after.get("leaks", 0) == 0 and after.get("corruptions", 0) == 0, after
+
+
+def fuzz_check_against_qemu(tmp_path: Path, seed: int, rounds: int) -> None:
+    """Damage metadata at random; opening, reading and checking must give ImgfsError or
+    results, never a crash, and check's counts must equal qemu-img check's."""
+    from imgfs.errors import ImgfsError
+
+    src = create(tmp_path / "src.qcow2", 2 * MiB, "cluster_size=4096")
+    qemu_io(src, "write -P 1 0 100k", "write -z 200k 8k", "write -P 2 1M 4k")
+    original = src.read_bytes()
+    rng = __import__("random").Random(seed)
+    img = tmp_path / "z.qcow2"
+    for _ in range(rounds):
+        data = bytearray(original)
+        for _ in range(rng.randrange(1, 6)):
+            pos = rng.randrange(0, min(len(data), 6 * 4096)) & ~7
+            data[pos : pos + 8] = rng.randbytes(8)
+        img.write_bytes(data)
+        try:
+            disk = open_disk(str(img), "qcow2", read_only=True)
+        except ImgfsError:
+            continue
+        try:
+            for off in range(0, min(disk.size, 4 * MiB), 256 * 1024):
+                try:
+                    disk.read(off, min(256 * 1024, disk.size - off))
+                except ImgfsError:
+                    pass
+            try:
+                ours = disk.check()
+            except ImgfsError:
+                continue
+        finally:
+            disk.close()
+        theirs = qemu_check_json(img)
+        assert (ours.corruptions, ours.leaks) == (
+            theirs.get("corruptions", 0),
+            theirs.get("leaks", 0),
+        ), (ours.messages, theirs)
+
+
+def test_fuzzed_metadata_counts_like_qemu(tmp_path: Path) -> None:
+    fuzz_check_against_qemu(tmp_path, 0, 60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(1, 6))
+def test_fuzzed_metadata_counts_like_qemu_long(tmp_path: Path, seed: int) -> None:
+    fuzz_check_against_qemu(tmp_path, seed, 400)

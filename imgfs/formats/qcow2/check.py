@@ -32,6 +32,7 @@ class _Counter:
         self.cb = drv.cb
         self.res = res
         self.counts = array("I", bytes(4 * nb_clusters))
+        self.file_size = drv.file.size()
         # qemu-img check's statistics of the active L1 table.
         self.allocated = 0
         self.fragmented = 0
@@ -40,16 +41,18 @@ class _Counter:
     def add(self, offset: int, size: int, what: str) -> None:
         if size <= 0:
             return
+        if offset + size - self.file_size >= self.cs:
+            # As qemu-img check: a reference a cluster or more past the end of the file is a
+            # corruption and is not counted (which also bounds the counts array).
+            self.res.corruptions += 1
+            self.res.messages.append(
+                f"ERROR {what} at offset {offset} size {size} exceeds the end of the file"
+            )
+            return
         first = offset >> self.cb
         last = (offset + size - 1) >> self.cb
         counts = self.counts
         if last >= len(counts):
-            if last >= MAX_CHECK_CLUSTERS:
-                self.res.corruptions += 1
-                self.res.messages.append(
-                    f"ERROR {what} at offset {offset} is far beyond the end of the file"
-                )
-                return
             counts.extend(bytes(4 * (last + 1 - len(counts))))
         for c in range(first, last + 1):
             counts[c] += 1
@@ -72,30 +75,14 @@ def check_image(drv: Qcow2Driver, repair: RepairMode, *, rebuilt: bool = False) 
     add(0, cs, "header")
     # Active L1 and everything under it.
     _count_l1(drv, counter, h.l1_table_offset, h.l1_size, active=True)
-    # Snapshots: the table, their L1 tables, and what those reference.
+    # Snapshots: their L1 tables and what those reference, then the snapshot table.
+    for snap in drv.snapshots:
+        _count_l1(drv, counter, snap.l1_table_offset, snap.l1_size, active=False)
     if h.nb_snapshots:
-        size = sum(
-            -(-(40 + 16 + len(s.id.encode()) + len(s.name.encode())) // 8) * 8
-            for s in drv.snapshots
-        )
-        add(h.snapshots_offset, size, "snapshot table")
-        for s in drv.snapshots:
-            _count_l1(drv, counter, s.l1_table_offset, s.l1_size, active=False)
-    # Refcount table and blocks.
-    refcount_structures = [(h.refcount_table_offset, h.refcount_table_clusters * cs)]
+        add(h.snapshots_offset, drv.snapshot_table_size, "snapshot table")
+    # The refcount table.
     add(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
-    need_rebuild = False
-    for t, entry in enumerate(drv.reftable):
-        off = entry & L.REFT_OFFSET_MASK
-        if not off:
-            continue
-        if off % cs or off >= max(file_size, cs) or entry & ~L.REFT_OFFSET_MASK:
-            res.corruptions += 1
-            res.messages.append(f"ERROR refcount block {t} has an invalid offset {entry:#x}")
-            need_rebuild = True
-            continue
-        add(off, cs, "refcount block")
-        refcount_structures.append((off, cs))
+    refcount_structures = [(h.refcount_table_offset, h.refcount_table_clusters * cs)]
     # Bitmaps: the directory, each bitmap table and its data clusters.
     if drv.bitmaps:
         ext = h.extension(L.EXT_BITMAPS)
@@ -115,10 +102,31 @@ def check_image(drv: Qcow2Driver, repair: RepairMode, *, rebuilt: bool = False) 
     crypt = h.extension(L.EXT_CRYPTO)
     if crypt is not None and len(crypt) >= 16:
         add(int.from_bytes(crypt[:8], "big"), int.from_bytes(crypt[8:16], "big"), "crypto")
+    # Refcount blocks: each must be referenced exactly once (by the table).
+    need_rebuild = False
+    for t, entry in enumerate(drv.reftable):
+        off = entry & L.REFT_OFFSET_MASK
+        if entry & ~L.REFT_OFFSET_MASK or off % cs:
+            res.corruptions += 1
+            res.messages.append(f"ERROR refcount table entry {t} is invalid: {entry:#x}")
+            need_rebuild = True
+            continue
+        if (off >> drv.cb) >= nb_clusters:
+            res.corruptions += 1
+            res.messages.append(f"ERROR refcount block {t} is outside the image")
+            need_rebuild = True
+            continue
+        if off:
+            add(off, cs, "refcount block")
+            refcount_structures.append((off, cs))
+            if counter.counts[off >> drv.cb] != 1:
+                res.corruptions += 1
+                res.messages.append(f"ERROR refcount block {t} overlaps other data")
+                need_rebuild = True
 
     # Compare with the image's refcounts.
     counts = counter.counts
-    total = max(len(counts), nb_clusters)
+    total = nb_clusters  # references just past the end are not compared (as qemu-img)
     highest = -1
     changed = False
     rb = drv.rb_entries
@@ -126,6 +134,10 @@ def check_image(drv: Qcow2Driver, repair: RepairMode, *, rebuilt: bool = False) 
     for c in range(max(total, 0)):
         want = counts[c] if c < len(counts) else 0
         have = _image_refcount(drv, c) if c < limit else 0
+        if have is None:
+            res.check_errors += 1
+            res.messages.append(f"Can't get refcount for cluster {c}")
+            continue
         if have or want:
             highest = c
         if have == want:
@@ -173,11 +185,11 @@ def check_image(drv: Qcow2Driver, repair: RepairMode, *, rebuilt: bool = False) 
     return res
 
 
-def _image_refcount(drv: Qcow2Driver, cluster: int) -> int:
+def _image_refcount(drv: Qcow2Driver, cluster: int) -> int | None:
     try:
         return drv.refcount(cluster)
     except CorruptImage:
-        return 0  # an unusable refcount block: counted as a refcount error
+        return None  # an unusable refcount block
 
 
 def _rebuild_refcounts(drv: Qcow2Driver, counts: array, old: list[tuple[int, int]]) -> None:
@@ -246,58 +258,79 @@ def _set_refcount(drv: Qcow2Driver, cluster: int, value: int) -> bool:
 def _count_l1(
     drv: Qcow2Driver, counter: _Counter, l1_offset: int, l1_size: int, *, active: bool
 ) -> None:
+    """Count one L1 table, its L2 tables and their clusters, with qemu-img check's rules."""
     res = counter.res
     cs = drv.cs
     add = counter.add
     add(l1_offset, l1_size * 8, "L1 table")
     l1 = drv.l1 if active else decode_u64(drv.file.pread(l1_offset, l1_size * 8))
-    next_contiguous = 0
-    words = drv.l2_words
-    for i, l1e in enumerate(l1):
+    for l1e in l1:
+        if l1e & L.L1E_RESERVED:
+            res.corruptions += 1
+            res.messages.append(f"ERROR found L1 entry with reserved bits set: {l1e:x}")
         l2_off = l1e & L.L1E_OFFSET_MASK
         if not l2_off:
             continue
+        add(l2_off, cs, "L2 table")
         if l2_off % cs:
             res.corruptions += 1
-            res.messages.append(f"ERROR L2 table offset {l2_off} of L1 entry {i} unaligned")
-            continue
-        add(l2_off, cs, "L2 table")
-        next_contiguous = 0  # qemu-img counts fragmentation within each L2 table
+            res.messages.append(f"ERROR l2_offset={l2_off:x}: Table is not cluster aligned")
         if active:
-            table_words = drv.l2_cache.get(l2_off).words
+            words = drv.l2_cache.get(l2_off).words
         else:
-            table_words = decode_u64(drv.file.pread(l2_off, cs))
-        for j in range(0, len(table_words), words):
-            e = table_words[j]
-            if not e:
-                continue
-            if e & L.OFLAG_COMPRESSED:
-                try:
-                    start, size = drv._compressed_range(e)
-                except CorruptImage as err:
-                    res.corruptions += 1
-                    res.messages.append(str(err))
-                    continue
-                add(start, size, "compressed cluster")
-                if active:
-                    counter.allocated += 1
-                    counter.compressed += 1
-                    counter.fragmented += 1
-                continue
-            host = e & L.L2E_OFFSET_MASK
-            if not host and not (drv.data_file is not None and e & L.OFLAG_COPIED):
-                continue  # unallocated or zero without preallocation
-            if host % cs:
+            words = decode_u64(drv.file.pread(l2_off, cs))
+        _count_l2(drv, counter, words, active)
+
+
+def _count_l2(drv: Qcow2Driver, counter: _Counter, words: array, active: bool) -> None:
+    res = counter.res
+    cs = drv.cs
+    add = counter.add
+    step = drv.l2_words
+    has_data_file = drv.data_file is not None
+    next_contiguous = 0  # qemu-img counts fragmentation within each L2 table
+    for j in range(0, len(words), step):
+        e = words[j]
+        bitmap = words[j + 1] if step == 2 else 0
+        if e & L.OFLAG_COMPRESSED:
+            if e & L.OFLAG_COPIED:
                 res.corruptions += 1
-                res.messages.append(f"ERROR cluster offset {host} unaligned")
+                res.messages.append(f"ERROR: compressed L2 entry {e:x} has the copied flag")
+            if has_data_file:
+                res.corruptions += 1
+                res.messages.append(f"ERROR compressed cluster with a data file: {e:x}")
                 continue
+            if bitmap:
+                res.corruptions += 1
+                res.messages.append(f"ERROR compressed cluster with a subcluster bitmap: {e:x}")
+                continue
+            x = 62 - (drv.cb - 8)
+            coff = e & ((1 << x) - 1)
+            nsec = (e >> x) & ((1 << (62 - x)) - 1)
+            add(coff, (nsec + 1) * 512 - (coff & 511), "compressed cluster")
             if active:
                 counter.allocated += 1
-                if next_contiguous and host != next_contiguous:
-                    counter.fragmented += 1
-                next_contiguous = host + cs
-            if drv.data_file is not None:
-                continue  # data file clusters are not refcounted
+                counter.compressed += 1
+                counter.fragmented += 1
+            continue
+        if e & L.L2E_STD_RESERVED:
+            res.corruptions += 1
+            res.messages.append(f"ERROR found l2 entry with reserved bits set: {e:x}")
+        host = e & L.L2E_OFFSET_MASK
+        if not host and not (has_data_file and e & L.OFLAG_COPIED):
+            if step == 2 and bitmap & L.SUBCLUSTER_ALL:
+                res.corruptions += 1
+                res.messages.append("ERROR: Unallocated cluster has a subcluster allocation map")
+            continue  # unallocated, or zero without preallocation
+        if host % cs:
+            res.corruptions += 1
+            res.messages.append(f"ERROR offset={host:x}: cluster is not properly aligned")
+        if active:
+            counter.allocated += 1
+            if next_contiguous and host != next_contiguous:
+                counter.fragmented += 1
+            next_contiguous = host + cs
+        if not has_data_file:
             add(host, cs, "data cluster")
 
 
@@ -309,7 +342,9 @@ def _check_copied(drv: Qcow2Driver, res: CheckResult, fix: bool) -> bool:
         l2_off = l1e & L.L1E_OFFSET_MASK
         if not l2_off or l2_off % drv.cs:
             continue
-        rc = drv.refcount(l2_off >> cb)
+        rc = _image_refcount(drv, l2_off >> cb)
+        if rc is None:
+            continue
         if (rc == 1) != bool(l1e & L.OFLAG_COPIED):
             if fix:
                 drv._set_l1(i, l2_off | (L.OFLAG_COPIED if rc == 1 else 0))
@@ -318,16 +353,17 @@ def _check_copied(drv: Qcow2Driver, res: CheckResult, fix: bool) -> bool:
             else:
                 res.corruptions += 1
                 res.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} refcount={rc}")
-        if drv.data_file is not None:
-            continue
         table = drv.l2_cache.get(l2_off)
         words = table.words
+        has_data_file = drv.data_file is not None
         for j in range(0, len(words), drv.l2_words):
             e = words[j]
             host = e & L.L2E_OFFSET_MASK
-            if e & L.OFLAG_COMPRESSED or not host or host % drv.cs:
+            if e & L.OFLAG_COMPRESSED or not (host or (has_data_file and e & L.OFLAG_COPIED)):
                 continue
-            rc = drv.refcount(host >> cb)
+            rc = 1 if has_data_file else _image_refcount(drv, host >> cb)
+            if rc is None:
+                continue
             if (rc == 1) != bool(e & L.OFLAG_COPIED):
                 if fix:
                     words[j] = (e & ~L.OFLAG_COPIED) | (L.OFLAG_COPIED if rc == 1 else 0)

@@ -108,6 +108,7 @@ class Qcow2Driver(BlockDriver):
         self.backing_name: str | None = None
         self.backing_fmt: str | None = None
         self.snapshots: list[L.Snapshot] = []
+        self.snapshot_table_size = 0
         self.bitmaps: list[L.BitmapEntry] = []
         self.bitmap_directory_offset = 0
         self._bitmaps_marked = False
@@ -284,6 +285,7 @@ class Qcow2Driver(BlockDriver):
                 raise CorruptImage(f"{self.file.path}: qcow2 snapshot table past end of file")
             buf += self.file.pread(pos, total)
             pos += total
+        self.snapshot_table_size = pos - h.snapshots_offset
         return L.parse_snapshots(bytes(buf), h.nb_snapshots, self.file.path)
 
     def _open_for_write(self) -> None:
