@@ -200,7 +200,7 @@ def parse_header(buf: bytes, path: str) -> Header:
             raise CorruptImage(f"{path}: qcow2 {name} {value} is not a valid cluster offset")
     if h.refcount_table_offset == 0:
         raise CorruptImage(f"{path}: qcow2 refcount_table_offset is 0")
-    if h.nb_snapshots and (h.snapshots_offset % cs or h.snapshots_offset >= MAX_HOST_OFFSET):
+    if h.snapshots_offset % cs or (h.nb_snapshots and h.snapshots_offset >= MAX_HOST_OFFSET):
         raise CorruptImage(f"{path}: qcow2 snapshots_offset {h.snapshots_offset} is invalid")
     if h.nb_snapshots > MAX_SNAPSHOTS:
         raise CorruptImage(f"{path}: qcow2 nb_snapshots {h.nb_snapshots} exceeds {MAX_SNAPSHOTS}")
