@@ -18,6 +18,19 @@ Crash-safe write ordering (every arrow is a ``sync()`` barrier in :meth:`flush`)
    while a read or an on-disk table may still reference them.
 
 Lazy refcounts are never used for writing (updates are always ordered); the feature bit is kept.
+
+Other choices:
+
+* persistent bitmaps are not updated: before the first write each one is marked ``in_use``
+  (inconsistent) in the bitmap directory, as QEMU itself does while it has an image open for
+  writing; the bitmaps auto-clear bit stays, so ``qemu-img check`` still counts their clusters;
+* unknown auto-clear bits are cleared on a writable open (the spec's rule);
+* images with internal snapshots, or with the corrupt bit, open read-only (with a note);
+  a dirty image opened for writing has its refcounts rebuilt first (``check -r all``);
+* ``cheap_reads`` is False for zstd images and for images whose first L2 tables hold
+  compressed clusters (reads then decompress on the worker pool);
+* reads map under the metadata lock and do their I/O outside it; freeing clusters waits for
+  in-flight reads, so a read never returns a freed-and-reused cluster's new contents.
 """
 
 from __future__ import annotations
