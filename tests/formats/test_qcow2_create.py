@@ -154,3 +154,19 @@ def test_write_compressed(tmp_path: Path, opts: dict[str, str]) -> None:
     assert frag > data["allocated-clusters"] // 2, data
     assert_compare(img, bytes(model), tmp_path)
     assert qemu_convert_raw(img, tmp_path / "c.raw").read_bytes() == model
+
+
+def test_create_empty_then_grow(tmp_path: Path) -> None:
+    img = tmp_path / "zero.qcow2"
+    Qcow2Driver.create(str(img), 0, {})
+    assert_check_clean(img)
+    disk = open_disk(str(img))
+    try:
+        assert disk.size == 0
+        disk.resize(MiB)
+        disk.write(5, b"abc")
+        disk.flush()
+    finally:
+        disk.close()
+    assert_check_clean(img)
+    qemu_io(img, "read -P 0x61 5 1", "read -P 0 8 1000")

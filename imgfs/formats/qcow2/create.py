@@ -115,7 +115,7 @@ def create_image(path: str, size: int, options: Mapping[str, str]) -> None:
     l1_size = -(-size // (l2_entries * cs))
     if l1_size * 8 > L.MAX_L1_BYTES:
         raise InvalidRequest(f"qcow2 size {size} is too large for cluster_size {cs}")
-    l1_clusters = max(1, -(-l1_size * 8 // cs))
+    l1_clusters = -(-l1_size * 8 // cs)
     rb_entries = cs * 8 // refcount_bits
     # header, refcount table, refcount blocks, L1: solve for the counts together.
     rt_clusters, blocks = 1, 1
