@@ -299,3 +299,22 @@ def test_reads_never_see_a_freed_cluster_reused(tmp_path: Path) -> None:
         disk.close()
     assert not bad
     assert_check_clean(img)
+
+
+@pytest.mark.parametrize("cache", [CacheMode.NONE, CacheMode.WRITETHROUGH, CacheMode.DIRECTSYNC])
+def test_writes_under_direct_and_writethrough_cache(tmp_path: Path, cache: CacheMode) -> None:
+    img = create(tmp_path / "d.qcow2", 4 * MiB, "cluster_size=4096")
+    model = bytearray(4 * MiB)
+    disk = open_disk(str(img), cache=cache)
+    try:
+        random_writes(disk, model, random.Random(cache.value), 25)
+        disk.discard(0, 1 * MiB)
+        model[: 1 * MiB] = bytes(1 * MiB)
+        disk.write_zeroes(2 * MiB + 100, 100_000, may_unmap=True)
+        model[2 * MiB + 100 : 2 * MiB + 100_100] = bytes(100_000)
+        assert bytes(disk.read(0, 4 * MiB)) == model
+        disk.flush()
+    finally:
+        disk.close()
+    assert_check_clean(img)
+    assert_compare(img, bytes(model), tmp_path)
