@@ -31,9 +31,9 @@ from tests.oracle import qemu_raw
 CORPUS = SHARED / "corpus" / "qcow2"
 
 SETTINGS = [
-    "compat=0.10,cluster_size=512",
+    pytest.param("compat=0.10,cluster_size=512", marks=pytest.mark.slow),
     "compat=0.10,cluster_size=65536",
-    "compat=1.1,cluster_size=512,refcount_bits=1",
+    pytest.param("compat=1.1,cluster_size=512,refcount_bits=1", marks=pytest.mark.slow),
     "compat=1.1,cluster_size=1024,refcount_bits=64",
     "compat=1.1,cluster_size=4096,refcount_bits=2",
     "compat=1.1,cluster_size=16384,refcount_bits=32,extended_l2=on",

@@ -61,8 +61,8 @@ WRITE_SETTINGS = [
     "compat=1.1,cluster_size=65536,refcount_bits=8",
     "compat=1.1,cluster_size=16384,extended_l2=on",
     "compat=1.1,cluster_size=65536,extended_l2=on,refcount_bits=32",
-    "compat=1.1,cluster_size=2097152",
-    "compat=1.1,lazy_refcounts=on",
+    pytest.param("compat=1.1,cluster_size=2097152", marks=pytest.mark.slow),
+    pytest.param("compat=1.1,lazy_refcounts=on", marks=pytest.mark.slow),
 ]
 
 
