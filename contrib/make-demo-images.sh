@@ -87,14 +87,13 @@ make_image disk.img  build_disk
 make_image blank.raw build_blank
 
 # --- More formats -------------------------------------------------------------------------
-# When a format's driver lands, uncomment its line below (and list the image in README.md).
 # Each one converts disk.img, so the same partition table and ext4 filesystem appear through
 # every format, and `cmp mnt/disk.img.raw mnt/disk.qcow2.raw` must say nothing.
 #
 convert_to() { qemu-img convert -f raw -O "$1" "${@:2:$#-2}" "$dir/disk.img" "${!#}"; }
 #
-# make_image disk.qcow2     convert_to qcow2                 # add when the qcow2 driver lands
-# make_image disk-z.qcow2   convert_to qcow2 -c              # compressed clusters (qcow2)
+make_image disk.qcow2     convert_to qcow2
+make_image disk-z.qcow2   convert_to qcow2 -c              # compressed clusters
 make_image disk.qcow      convert_to qcow
 make_image disk.vmdk      convert_to vmdk
 make_image disk-stream.vmdk convert_to vmdk -o subformat=streamOptimized

@@ -59,7 +59,7 @@ def convert(
 
 
 def _copy(source: Disk, target: Disk, compress: bool, progress: Callable[[int], None]) -> None:
-    unit = target.top.compressed_write_unit() if compress else ZERO_GRANULE
+    unit = target.compressed_write_unit() if compress else ZERO_GRANULE
     chunk = max(unit, COPY_CHUNK - COPY_CHUNK % unit)
     size = source.size
     offset = 0
@@ -113,4 +113,4 @@ def _write_compressed(
     for pos in range(0, len(view), unit):
         piece = view[pos : pos + unit]
         if piece != zero[: len(piece)]:
-            target.top.write_compressed(offset + pos, piece)
+            target.write_compressed(offset + pos, piece)

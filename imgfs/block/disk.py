@@ -80,6 +80,18 @@ class Disk:
             self.flush()
         return n
 
+    def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Whole compression units (``compressed_write_unit``), for ``imgfs convert -c``."""
+        offset, length = self._clamp_for_update(offset, len(data))
+        if length:
+            self.top.write_compressed(offset, memoryview(data)[:length])
+            self._written()
+            if self.cache.writethrough:
+                self.flush()
+
+    def compressed_write_unit(self) -> int:
+        return self.top.compressed_write_unit()
+
     def discard(self, offset: int, length: int) -> None:
         offset, length = self._clamp_for_update(offset, length)
         if length:

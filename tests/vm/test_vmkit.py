@@ -243,7 +243,7 @@ def test_guest_mkfs_then_verify(
 # The writable formats main has merged; CI asserts the registry knows each of them, so a case
 # cannot silently drop out. Extend this when a format's driver lands (qcow2, vpc and vhdx are
 # still on their branches); FORMAT_CASES below already has their cases.
-MERGED_WRITABLE_FORMATS = ("vmdk", "vdi", "qed", "qcow", "parallels", "cow", "vpc", "vhdx")
+MERGED_WRITABLE_FORMATS = ("vmdk", "vdi", "qed", "qcow", "parallels", "cow", "vpc", "vhdx", "qcow2")
 
 BASE = "base.img"  # a raw backing file, for the chain cases
 JUNK_STRIDE = 3 * 1024 * 1024 + 12 * 1024  # not cluster aligned: partial clusters need COW

@@ -98,6 +98,10 @@ def parse_size(text: str, what: str) -> int:
 class Qcow2Driver(BlockDriver):
     format_name = "qcow2"
     supports_write = True
+    runtime_options = {
+        "l2-cache-size": "bytes of L2 tables cached per image (default: enough for the whole "
+        "disk, at most 32M); refcount blocks get a quarter of it"
+    }
 
     def __init__(self, file: HostFile, options: OpenOptions, header: L.Header) -> None:
         super().__init__(file, options)
