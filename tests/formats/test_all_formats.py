@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tests.oracle import (
     pattern_image,
     qemu_img,
     qemu_raw,
+    sha256_file,
 )
 
 MiB = 1024 * 1024
@@ -89,3 +91,43 @@ def test_imgfs_create_makes_images_qemu_accepts(fmt: str, tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     assert_qemu_check_clean(out, fmt)
     assert_qemu_compare_identical(out, raw, fmt)
+
+
+def test_backing_chain_of_mixed_formats(images: Path, mount, tmp_path: Path) -> None:
+    """qcow2 over qcow over qed over vmdk (a vmdk's parent must be a vmdk, so it is the base),
+    each layer written by qemu-io: the export is what qemu reads, and writes through the top land
+    in the top image only."""
+    pattern_image(tmp_path / "base.raw", SIZE, seed=1)
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", str(tmp_path / "base.raw"),
+             str(images / "base.vmdk"))  # fmt: skip
+    layers = [("l1.qed", "qed", "base.vmdk", "vmdk"), ("l2.qcow", "qcow", "l1.qed", "qed"),
+              ("top.qcow2", "qcow2", "l2.qcow", "qcow")]  # fmt: skip
+    for n, (name, fmt, backing, backing_fmt) in enumerate(layers):
+        qemu_img("create", "-q", "-f", fmt, "-b", backing, "-F", backing_fmt,
+                 str(images / name), str(SIZE))  # fmt: skip
+        off = (n + 1) * MiB + n * 4096 + 512  # overlapping, unaligned ranges per layer
+        io = subprocess.run(
+            ["qemu-io", "-f", fmt, "-c", f"write -P {0x41 + n} {off} 1536K", str(images / name)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert io.returncode == 0, io.stderr
+    lower = ["base.vmdk"] + [name for name, *_ in layers[:-1]]
+    before = {name: sha256_file(images / name) for name in lower}
+    m = mount(images)
+    expected = qemu_raw(images / "top.qcow2", tmp_path / "top.q", "qcow2")
+    assert_same_bytes(m.file("top.qcow2"), expected)
+    for name in lower:  # bases of another disk: read-only
+        assert os.stat(m.file(name)).st_mode & 0o222 == 0, name
+    fd = os.open(m.file("top.qcow2"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"Z" * 70000, 3 * MiB - 1000)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    m.umount()
+    want = bytearray(expected.read_bytes())
+    want[3 * MiB - 1000 : 3 * MiB - 1000 + 70000] = b"Z" * 70000
+    (tmp_path / "want.raw").write_bytes(want)
+    assert_qemu_check_clean(images / "top.qcow2", "qcow2")
+    assert_qemu_compare_identical(images / "top.qcow2", tmp_path / "want.raw", "qcow2")
+    assert {name: sha256_file(images / name) for name in lower} == before
