@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from imgfs import __version__
 from imgfs.block.disk import open_disk
-from imgfs.block.driver import ImageInfo, RepairMode
+from imgfs.block.driver import CheckResult, ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
 from imgfs.emulation.cli import add_subcommands as add_emulation_subcommands
 from imgfs.errors import ImgfsError, Unsupported, UsageError
@@ -258,7 +258,22 @@ def cmd_check(args: argparse.Namespace) -> int:
                 f"{result.corruptions} errors, {result.leaks} leaked clusters, "
                 f"{result.check_errors} internal errors"
             )
+        _print_check_stats(result)
     return result.exit_status
+
+
+def _print_check_stats(result: CheckResult) -> None:
+    """The allocation summary qemu-img check prints after its verdict."""
+    total, allocated = result.total_clusters, result.allocated_clusters
+    if total and allocated is not None:
+        share = 100.0 / allocated if allocated else 0.0
+        print(
+            f"{allocated}/{total} = {100.0 * allocated / total:.2f}% allocated, "
+            f"{(result.fragmented_clusters or 0) * share:.2f}% fragmented, "
+            f"{(result.compressed_clusters or 0) * share:.2f}% compressed clusters"
+        )
+    if result.image_end_offset is not None:
+        print(f"Image end offset: {result.image_end_offset}")
 
 
 # -- create / convert ---------------------------------------------------------------------------

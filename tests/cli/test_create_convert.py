@@ -165,3 +165,14 @@ def test_convert_into_every_writable_format_and_back(tmp_path: Path) -> None:
         exported = back.read_bytes()
         assert exported[: 6 * MiB] == source.read_bytes(), fmt
         assert exported[6 * MiB :] == bytes(len(exported) - 6 * MiB), fmt
+
+
+def test_check_prints_what_qemu_img_check_prints(tmp_path: Path) -> None:
+    source = tmp_path / "text.raw"
+    source.write_bytes(b"".join(b"row %09d\n" % i for i in range(300_000))[: 3 * MiB])
+    image = tmp_path / "c.qcow2"
+    assert run_imgfs("convert", "-c", "-O", "qcow2", str(source), str(image)).returncode == 0
+    ours = run_imgfs("check", str(image))
+    theirs = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+    assert ours.returncode == theirs.returncode == 0
+    assert ours.stdout == theirs.stdout
