@@ -33,7 +33,8 @@ from typing import Any, ClassVar, Self
 
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import CacheMode, HostFile
-from imgfs.errors import InvalidRequest, ReadOnly, Unsupported
+from imgfs.errors import ReadOnly, Unsupported
+from imgfs.units import size_option
 
 # How much of a file the registry hands to each probe.
 PROBE_HEAD_SIZE = 64 * 1024
@@ -77,15 +78,7 @@ class OpenOptions:
 
     def size_option(self, key: str, default: int) -> int:
         """A byte-count run-time option (``8M``, ``65536``), or ``default`` when not given."""
-        text = self.driver_options.get(key)
-        if text is None:
-            return default
-        from imgfs.units import parse_size
-
-        try:
-            return parse_size(text)
-        except InvalidRequest as e:
-            raise InvalidRequest(f"-o {key}: {e}") from None
+        return size_option(self.driver_options, key, default)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
 from imgfs.errors import CorruptImage, InvalidRequest, NoSpace, Unsupported
 from imgfs.formats._blocktable import SECTOR, BlockTableDriver, load_table
+from imgfs.units import choice_option, size_option
 
 MAGIC_V1 = b"WithoutFreeSpace"  # BAT in sectors
 MAGIC_V2 = b"WithouFreSpacExt"  # BAT in clusters
@@ -51,16 +52,6 @@ MAX_CLUSTER_SIZE = 256 * 1024 * 1024
 
 def _round_up(n: int, to: int) -> int:
     return -(-n // to) * to
-
-
-def _parse_size(value: str, what: str) -> int:
-    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    v = value.strip().lower()
-    suffix = v[-1:] if v[-1:] in units and not v[-1:].isdigit() else ""
-    try:
-        return int(v[: len(v) - len(suffix)]) * units[suffix]
-    except ValueError:
-        raise InvalidRequest(f"bad {what} {value!r}") from None
 
 
 class ParallelsDriver(BlockTableDriver):
@@ -254,19 +245,13 @@ class ParallelsDriver(BlockTableDriver):
 
     @classmethod
     def create(cls, path: str, size: int, options: Mapping[str, str]) -> None:
-        cluster = DEFAULT_CLUSTER_SIZE
-        prealloc = "off"
-        for key, value in options.items():
-            if key == "cluster_size":
-                cluster = _round_up(_parse_size(value, "cluster_size"), SECTOR)
-                if not 0 < cluster <= MAX_CLUSTER_SIZE:
-                    raise InvalidRequest(f"parallels: bad cluster_size {value!r}")
-            elif key == "preallocation":
-                if value not in ("off", "falloc", "full"):
-                    raise InvalidRequest(f"parallels: bad preallocation {value!r}")
-                prealloc = value
-            else:
+        for key in options:
+            if key not in cls.create_options:
                 raise InvalidRequest(f"parallels: unknown option {key!r}")
+        cluster = _round_up(size_option(options, "cluster_size", DEFAULT_CLUSTER_SIZE), SECTOR)
+        if not 0 < cluster <= MAX_CLUSTER_SIZE:
+            raise InvalidRequest(f"parallels: bad cluster_size {options['cluster_size']!r}")
+        prealloc = choice_option(options, "preallocation", ("off", "falloc", "full"), "off")
         if size < 0:
             raise InvalidRequest(f"parallels: bad size {size}")
         sectors = -(-size // SECTOR)

@@ -36,6 +36,7 @@ from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
 from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
+from imgfs.units import size_option
 
 MAGIC = b"QED\0"
 HEADER = struct.Struct("<4sIIIQQQQQII")
@@ -630,8 +631,8 @@ class QedDriver(BlockDriver):
         unknown = set(options) - set(cls.create_options)
         if unknown:
             raise InvalidRequest(f"qed: unknown option(s) {', '.join(sorted(unknown))}")
-        cluster_size = _int_option(options, "cluster_size", DEFAULT_CLUSTER)
-        table_size = _int_option(options, "table_size", DEFAULT_TABLE)
+        cluster_size = size_option(options, "cluster_size", DEFAULT_CLUSTER)
+        table_size = size_option(options, "table_size", DEFAULT_TABLE)
         if not _is_pow2(cluster_size) or not CLUSTER_MIN <= cluster_size <= CLUSTER_MAX:
             raise InvalidRequest(f"qed: bad cluster_size {cluster_size}")
         if not _is_pow2(table_size) or not TABLE_MIN <= table_size <= TABLE_MAX:
@@ -669,27 +670,6 @@ class QedDriver(BlockDriver):
             f.truncate(cluster_size * (1 + table_size))
             f.flush()
             os.fsync(f.fileno())
-
-
-def _int_option(options: Mapping[str, str], key: str, default: int) -> int:
-    value = options.get(key)
-    if value is None:
-        return default
-    return parse_size(value, key)
-
-
-def parse_size(value: str, key: str) -> int:
-    """qemu-style sizes: 65536, 64k, 64K, 1M, 2G."""
-    text = value.strip()
-    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    suffix = text[-1:].lower() if text and text[-1:].isalpha() else ""
-    number = text[: len(text) - len(suffix)] if suffix else text
-    try:
-        if suffix not in units:
-            raise ValueError
-        return int(number) * units[suffix]
-    except ValueError:
-        raise InvalidRequest(f"bad value for {key}: {value!r}") from None
 
 
 register(QedDriver)

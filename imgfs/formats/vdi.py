@@ -38,6 +38,7 @@ from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
 from imgfs.errors import CorruptImage, InvalidRequest, NoSpace, Unsupported
 from imgfs.formats._blocktable import SECTOR, BlockTableDriver, load_table
+from imgfs.units import bool_option, choice_option
 
 SIGNATURE = 0xBEDA107F
 VERSION_1_1 = 0x00010001
@@ -262,19 +263,12 @@ class VdiDriver(BlockTableDriver):
 
     @classmethod
     def create(cls, path: str, size: int, options: Mapping[str, str]) -> None:
-        static = False
-        prealloc = "off"
-        for key, value in options.items():
-            if key == "static":
-                if value not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
-                    raise InvalidRequest(f"vdi: bad value {value!r} for static (on/off)")
-                static = value in ("on", "true", "yes", "1")
-            elif key == "preallocation":
-                if value not in ("off", "falloc", "full", "metadata"):
-                    raise InvalidRequest(f"vdi: bad preallocation {value!r} (off/falloc/full)")
-                prealloc = value
-            else:
+        for key in options:
+            if key not in cls.create_options:
                 raise InvalidRequest(f"vdi: unknown option {key!r}")
+        static = bool_option(options, "static")
+        prealloc_choices = ("off", "metadata", "falloc", "full")
+        prealloc = choice_option(options, "preallocation", prealloc_choices, "off")
         if size < 0:
             raise InvalidRequest(f"vdi: bad size {size}")
         bs = DEFAULT_BLOCK_SIZE

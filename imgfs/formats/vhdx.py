@@ -47,6 +47,7 @@ from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
 from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
+from imgfs.units import bool_option, choice_option, size_option
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -890,21 +891,17 @@ class VhdxDriver(BlockDriver):
 
     @classmethod
     def create(cls, path: str, size: int, options: Mapping[str, str]) -> None:
-        from imgfs.formats.vpc import parse_bool, parse_size
-
         for key in options:
             if key not in cls.create_options:
                 raise InvalidRequest(f"vhdx: unknown create option {key!r}")
-        subformat = options.get("subformat", "dynamic")
-        if subformat not in ("dynamic", "fixed"):
-            raise InvalidRequest(f"vhdx: subformat must be dynamic or fixed, not {subformat!r}")
-        logical = parse_size("logical_sector_size", options.get("logical_sector_size", "512"))
+        subformat = choice_option(options, "subformat", ("dynamic", "fixed"), "dynamic")
+        logical = size_option(options, "logical_sector_size", 512)
         if logical not in (512, 4096):
             raise InvalidRequest(f"vhdx: logical_sector_size must be 512 or 4096: {logical}")
         if size <= 0 or size > MAX_VIRTUAL_SIZE:
             raise InvalidRequest(f"vhdx: size {size} is outside 1..64 TiB")
         size = align_up(size, logical)
-        block_size = parse_size("block_size", options.get("block_size", "0"))
+        block_size = size_option(options, "block_size", 0)
         if block_size == 0:
             # qemu-img's choice, so both make the same image for the same size.
             block_size = (
@@ -915,10 +912,10 @@ class VhdxDriver(BlockDriver):
             )  # fmt: skip
         if block_size < MiB or block_size > 256 * MiB or block_size & (block_size - 1):
             raise InvalidRequest(f"vhdx: block_size {block_size} is not a power of 2 in 1M..256M")
-        log_size = parse_size("log_size", options.get("log_size", "1M"))
+        log_size = size_option(options, "log_size", MiB)
         if log_size < MiB or log_size % MiB or log_size > MAX_LOG_SIZE:
             raise InvalidRequest(f"vhdx: log_size {log_size} is not a multiple of 1M in range")
-        zero_state = parse_bool("block_state_zero", options.get("block_state_zero", "on"))
+        zero_state = bool_option(options, "block_state_zero", True)
         backing = options.get("backing_file")
         if options.get("backing_fmt", "vhdx") != "vhdx":
             raise InvalidRequest(f"vhdx: a parent must be vhdx, not {options['backing_fmt']!r}")

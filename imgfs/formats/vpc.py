@@ -41,6 +41,7 @@ from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
 from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
+from imgfs.units import bool_option, choice_option, size_option
 
 SECTOR = 512
 
@@ -129,25 +130,6 @@ def chs_geometry(total_sectors: int) -> tuple[int, int, int]:
             spt, heads = 63, 16
             cyl_times_heads = total_sectors // spt
     return cyl_times_heads // heads, heads, spt
-
-
-def parse_bool(key: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("on", "true", "yes", "1"):
-        return True
-    if v in ("off", "false", "no", "0"):
-        return False
-    raise InvalidRequest(f"option {key}: expected on/off, got {value!r}")
-
-
-def parse_size(key: str, value: str) -> int:
-    v = value.strip()
-    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    suffix = v[-1:].lower() if v[-1:].isalpha() else ""
-    try:
-        return int(v[: len(v) - len(suffix)]) * units[suffix]
-    except (ValueError, KeyError):
-        raise InvalidRequest(f"option {key}: bad size {value!r}") from None
 
 
 class VpcDriver(BlockDriver):
@@ -687,11 +669,9 @@ class VpcDriver(BlockDriver):
         for key in options:
             if key not in known:
                 raise InvalidRequest(f"vpc: unknown create option {key!r}")
-        subformat = options.get("subformat", "dynamic")
-        if subformat not in ("dynamic", "fixed"):
-            raise InvalidRequest(f"vpc: subformat must be dynamic or fixed, not {subformat!r}")
-        force_size = parse_bool("force_size", options.get("force_size", "off"))
-        block_size = parse_size("block_size", options.get("block_size", str(DEFAULT_BLOCK_SIZE)))
+        subformat = choice_option(options, "subformat", ("dynamic", "fixed"), "dynamic")
+        force_size = bool_option(options, "force_size")
+        block_size = size_option(options, "block_size", DEFAULT_BLOCK_SIZE)
         if (
             block_size < MIN_BLOCK_SIZE
             or block_size > MAX_BLOCK_SIZE

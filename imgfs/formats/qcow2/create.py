@@ -15,6 +15,7 @@ from imgfs.block.hostfile import CacheMode, HostFile
 from imgfs.errors import InvalidRequest
 from imgfs.formats.qcow2 import layout as L
 from imgfs.formats.qcow2.cache import RefcountBlock, encode_u64
+from imgfs.units import bool_option, choice_option, size_option
 
 CREATE_OPTIONS: dict[str, str] = {
     "size": "virtual disk size in bytes (K/M/G/T suffixes allowed)",
@@ -46,54 +47,33 @@ def _feature_table() -> bytes:
     )
 
 
-def _bool(options: Mapping[str, str], key: str) -> bool:
-    value = options.get(key, "off").strip().lower()
-    if value in ("on", "true", "yes", "1"):
-        return True
-    if value in ("off", "false", "no", "0"):
-        return False
-    raise InvalidRequest(f"qcow2 option {key}={value!r}: expected on or off")
-
-
 def create_image(path: str, size: int, options: Mapping[str, str]) -> None:
-    from imgfs.formats.qcow2.driver import Qcow2Driver, parse_size
+    from imgfs.formats.qcow2.driver import Qcow2Driver
 
     unknown = sorted(set(options) - set(CREATE_OPTIONS))
     if unknown:
         raise InvalidRequest(f"unknown qcow2 option(s): {', '.join(unknown)}")
-    if "size" in options:
-        size = parse_size(options["size"], "size")
+    size = size_option(options, "size", size)
     size = -(-size // 512) * 512
-    compat = options.get("compat", "1.1").strip().lower()
-    if compat in ("0.10", "v2"):
-        version = 2
-    elif compat in ("1.1", "v3"):
-        version = 3
-    else:
-        raise InvalidRequest(f"qcow2 option compat={compat!r}: expected 0.10 or 1.1")
-    cs = parse_size(options.get("cluster_size", "65536"), "cluster_size")
+    compat = choice_option(options, "compat", ("0.10", "1.1", "v2", "v3"), "1.1")
+    version = 2 if compat in ("0.10", "v2") else 3
+    cs = size_option(options, "cluster_size", 65536)
     if cs < 512 or cs > 2 * 1024 * 1024 or cs & (cs - 1):
         raise InvalidRequest(f"qcow2 option cluster_size={cs}: a power of two, 512 to 2M")
     cb = cs.bit_length() - 1
-    refcount_bits = int(options.get("refcount_bits", "16"))
-    if refcount_bits not in (1, 2, 4, 8, 16, 32, 64):
-        raise InvalidRequest(f"qcow2 option refcount_bits={refcount_bits}: a power of two <= 64")
+    refcount_choices = ("1", "2", "4", "8", "16", "32", "64")
+    refcount_bits = int(choice_option(options, "refcount_bits", refcount_choices, "16"))
     if version == 2 and refcount_bits != 16:
         raise InvalidRequest("qcow2 compat=0.10 images need refcount_bits=16")
-    extl2 = _bool(options, "extended_l2")
-    lazy = _bool(options, "lazy_refcounts")
+    extl2 = bool_option(options, "extended_l2")
+    lazy = bool_option(options, "lazy_refcounts")
     data_file = options.get("data_file") or None
-    data_file_raw = _bool(options, "data_file_raw")
+    data_file_raw = bool_option(options, "data_file_raw")
     backing = options.get("backing_file") or None
     backing_fmt = options.get("backing_fmt") or None
-    ctype_name = options.get("compression_type", "zlib").strip().lower()
     ctypes = {v: k for k, v in L.COMPRESSION_NAMES.items()}
-    if ctype_name not in ctypes:
-        raise InvalidRequest(f"qcow2 option compression_type={ctype_name!r}: zlib or zstd")
-    ctype = ctypes[ctype_name]
-    prealloc = options.get("preallocation", "off").strip().lower()
-    if prealloc not in ("off", "metadata", "falloc", "full"):
-        raise InvalidRequest(f"qcow2 option preallocation={prealloc!r}")
+    ctype = ctypes[choice_option(options, "compression_type", list(ctypes), "zlib")]
+    prealloc = choice_option(options, "preallocation", ("off", "metadata", "falloc", "full"), "off")
     if version == 2 and (extl2 or lazy or data_file or ctype):
         raise InvalidRequest(
             "qcow2 compat=0.10 cannot have extended_l2, lazy_refcounts, data_file or zstd"

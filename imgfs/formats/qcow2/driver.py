@@ -78,23 +78,6 @@ PENDING_FREE_LIMIT = 65536  # deferred frees before a write forces a metadata fl
 MAX_BITMAP_DIRECTORY = 64 * 1024 * 1024
 
 
-def parse_size(text: str, what: str) -> int:
-    t = text.strip().lower()
-    mult = 1
-    for suffix, m in (("k", 1 << 10), ("m", 1 << 20), ("g", 1 << 30), ("t", 1 << 40)):
-        if t.endswith(suffix) or t.endswith(suffix + "b") or t.endswith(suffix + "ib"):
-            t = t[: t.index(suffix)]
-            mult = m
-            break
-    try:
-        value = int(t) * mult
-    except ValueError:
-        raise InvalidRequest(f"bad {what} {text!r}") from None
-    if value < 0:
-        raise InvalidRequest(f"bad {what} {text!r}")
-    return value
-
-
 class Qcow2Driver(BlockDriver):
     format_name = "qcow2"
     supports_write = True
@@ -153,11 +136,10 @@ class Qcow2Driver(BlockDriver):
         )
 
     def _l2_cache_size(self, options: OpenOptions) -> int:
-        text = options.driver_options.get("l2-cache-size")
-        if text is not None:
-            size = parse_size(text, "l2-cache-size")
+        if "l2-cache-size" in options.driver_options:
+            size = options.size_option("l2-cache-size", 0)
             if size > 1 << 30:
-                raise InvalidRequest(f"l2-cache-size {text!r} is too large")
+                raise InvalidRequest(f"option l2-cache-size: {size} is larger than 1G")
             return max(2 * self.cs, size)
         # Enough to cover the whole disk, capped as QEMU caps it.
         cover = -(-self.h.size // (self.l2_entries * self.cs)) * self.cs

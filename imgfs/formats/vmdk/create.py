@@ -23,6 +23,7 @@ from imgfs.formats.vmdk.extents import (
     KDMV_MAGIC,
     SECTOR,
 )
+from imgfs.units import bool_option, choice_option
 
 CREATE_OPTIONS: dict[str, str] = {
     "subformat": "monolithicSparse (default), monolithicFlat, twoGbMaxExtentSparse, "
@@ -49,15 +50,6 @@ GTES_PER_GT = 512
 DESCRIPTOR_SECTORS = 20
 SPLIT_SECTORS = 4194304  # twoGbMaxExtent* files hold 2 GiB each
 MAX_CREATE_SIZE = 1 << 46  # 64 TiB
-
-
-def _bool(options: Mapping[str, str], key: str) -> bool:
-    value = options.get(key, "off").lower()
-    if value in ("on", "true", "yes", "1"):
-        return True
-    if value in ("off", "false", "no", "0"):
-        return False
-    raise InvalidRequest(f"vmdk option {key}={value!r}: expected on or off")
 
 
 def read_descriptor_bytes(path: str) -> bytes:
@@ -142,14 +134,10 @@ def create(path: str, size: int, options: Mapping[str, str]) -> None:
     unknown = set(options) - set(CREATE_OPTIONS)
     if unknown:
         raise InvalidRequest(f"unknown vmdk option(s): {', '.join(sorted(unknown))}")
-    subformat = options.get("subformat", "monolithicSparse")
-    if subformat not in SUBFORMATS:
-        raise InvalidRequest(f"vmdk subformat {subformat!r}: expected one of {SUBFORMATS}")
-    adapter = options.get("adapter_type", "ide")
-    if adapter not in ADAPTERS:
-        raise InvalidRequest(f"vmdk adapter_type {adapter!r}: expected one of {ADAPTERS}")
-    compat6 = _bool(options, "compat6")
-    zeroed_grain = _bool(options, "zeroed_grain")
+    subformat = choice_option(options, "subformat", SUBFORMATS, "monolithicSparse")
+    adapter = choice_option(options, "adapter_type", ADAPTERS, "ide")
+    compat6 = bool_option(options, "compat6")
+    zeroed_grain = bool_option(options, "zeroed_grain")
     hwversion = options.get("hwversion")
     if hwversion is not None and compat6:
         raise InvalidRequest("vmdk: compat6 and hwversion cannot both be given")
