@@ -18,6 +18,7 @@ from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
 from imgfs.errors import InvalidRequest, NotPermitted, ReadOnly
+from imgfs.units import choice_option
 
 
 class RawDriver(BlockDriver):
@@ -45,9 +46,7 @@ class RawDriver(BlockDriver):
 
     @classmethod
     def create(cls, path: str, size: int, options: Mapping[str, str]) -> None:
-        prealloc = options.get("preallocation", "off")
-        if prealloc not in ("off", "falloc", "full"):
-            raise InvalidRequest(f"preallocation must be off, falloc or full, not {prealloc!r}")
+        prealloc = choice_option(options, "preallocation", ("off", "falloc", "full"), "off")
         with open(path, "wb") as f:
             if prealloc == "full":
                 chunk = bytes(1024 * 1024)

@@ -103,7 +103,7 @@ def test_convert_failure_leaves_no_half_image(tmp_path: Path) -> None:
     out = tmp_path / "out.raw"
     result = run_imgfs("convert", "-O", "raw", "-o", "preallocation=bogus", str(source), str(out))
     assert result.returncode == 1
-    assert "preallocation must be off, falloc or full" in result.stderr
+    assert "option preallocation: expected one of off, falloc, full, not 'bogus'" in result.stderr
     assert not out.exists()
     result = run_imgfs("convert", "-O", "raw", str(source), str(source))
     assert result.returncode == 1 and "is the source image itself" in result.stderr
