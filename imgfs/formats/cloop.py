@@ -22,7 +22,6 @@ import sys
 import threading
 import zlib
 from array import array
-from collections.abc import Callable, Iterable
 from typing import Self
 
 from imgfs.block.driver import BlockDriver, OpenOptions, ProbeInput
@@ -111,7 +110,6 @@ class CloopDriver(BlockDriver):
         "block-cache-size": "bytes of inflated blocks kept per image (default 16M)",
         "read-ahead": "bytes inflated ahead of a sequential reader on other threads "
         "(default 2M, 0 = off)",
-        "split-decode": "inflate the blocks of one big read on two threads (default on)",
         "inline-reads": "serve cached blocks on the FUSE thread without a hop (default on)",
         "inline-decode": "largest block a read may inflate on the FUSE thread (default 64K, "
         "0 = none)",
@@ -132,7 +130,6 @@ class CloopDriver(BlockDriver):
         read_ahead = options.size_option("read-ahead", DEFAULT_READ_AHEAD)
         self._read_ahead_blocks = min(-(-read_ahead // block_size), cache_bytes // 2 // block_size)
         self._task_blocks = max(1, READ_AHEAD_TASK_BYTES // block_size)
-        self._split = _switch_option(options, "split-decode", True)
         # An instance attribute: the Disk reads it from each layer.
         self.cheap_reads = _switch_option(options, "inline-reads", True)
         self._inline_decode = options.size_option("inline-decode", DEFAULT_INLINE_DECODE)
@@ -242,12 +239,7 @@ class CloopDriver(BlockDriver):
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
-        if in_nowait_mode():
-            blocks = self._blocks_without_waiting(first, last)
-        else:
-            blocks = None
-            if self._split and last > first:
-                self._decode_beside(first, last)
+        blocks = self._blocks_without_waiting(first, last) if in_nowait_mode() else None
         if self._read_ahead_blocks and self._last_block <= first <= self._last_block + 1:
             self._read_ahead(last + 1)
         self._last_block = last
@@ -284,23 +276,6 @@ class CloopDriver(BlockDriver):
             blocks[missing] = self._block(first + missing)  # host reads stay RWF_NOWAIT
         return blocks
 
-    def _decode_beside(self, first: int, last: int) -> None:
-        """A read of several blocks: a pool thread inflates the missing ones from the end
-        backwards while this thread goes forwards; they meet in the middle (the cache's
-        single-flight loading keeps each block to one inflate)."""
-        missing = [i for i in range(first, last + 1) if i not in self._cache]
-        if len(missing) >= 2:
-            self._submit(self._inflate_backwards, missing[len(missing) // 2 :], ())
-
-    def _inflate_backwards(self, indexes: list[int]) -> None:
-        for index in reversed(indexes):
-            if self._closed or index in self._cache:
-                return  # the reader got here first
-            try:
-                self._block(index)
-            except ImgfsError:
-                return  # the reader that needs the block gets the error itself
-
     def _read_ahead(self, start: int) -> None:
         """A sequential reader will want the blocks from ``start`` next: inflate the ones not
         yet cached or queued on the pool, in tasks of several blocks (one hop each)."""
@@ -311,7 +286,7 @@ class CloopDriver(BlockDriver):
             ]
         for at in range(0, len(wanted), self._task_blocks):
             task = wanted[at : at + self._task_blocks]
-            self._submit(self._inflate_ahead, task, task)
+            self._submit(task)
 
     def _inflate_ahead(self, indexes: list[int]) -> None:
         for index in indexes:
@@ -324,14 +299,12 @@ class CloopDriver(BlockDriver):
             except ImgfsError:
                 pass  # the reader that needs the block gets the error itself
 
-    def _submit(
-        self, fn: Callable[[list[int]], None], indexes: list[int], queue: Iterable[int]
-    ) -> None:
+    def _submit(self, indexes: list[int]) -> None:
         with self._work_lock:
             if self._closed:
                 return
-            self._queued.update(queue)
-            future = _decode_pool().submit(fn, indexes)
+            self._queued.update(indexes)
+            future = _decode_pool().submit(self._inflate_ahead, indexes)
             self._work.add(future)
         future.add_done_callback(self._work_done)
 
