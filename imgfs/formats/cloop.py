@@ -7,7 +7,11 @@ Read-only. Version 2 layout, every number big-endian:
 * at 136: ``count + 1`` u64 file offsets; block ``i`` is the zlib stream at
   ``[offsets[i], offsets[i+1])`` and inflates to exactly one block.
 
-The disk is ``count * block_size`` bytes. Inflated blocks are kept in a small LRU.
+The disk is ``count * block_size`` bytes. Inflated blocks are kept in a bounded LRU that
+loads each block once however many threads want it. A sequential reader gets the blocks after
+its read inflated ahead on a small pool (zlib releases the GIL). On the FUSE thread (non-blocking
+mode) a read whose blocks are cached, or that needs one small block inflated, is served there;
+anything more raises WouldBlock and hops to a worker thread (bench/RESULTS-formats-cloop.md).
 """
 
 from __future__ import annotations
