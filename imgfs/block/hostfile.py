@@ -57,7 +57,8 @@ class CacheMode(enum.Enum):
 
 
 class WouldBlock(Exception):
-    """A read in non-blocking mode found data that is not in the page cache.
+    """A read in non-blocking mode found data that is not in the page cache (or, raised by a
+    driver that checks :func:`in_nowait_mode`, would need slow CPU work such as inflating).
 
     Raised only inside :func:`call_nowait`; the caller retries the whole request on a thread.
     """
@@ -83,6 +84,13 @@ def call_nowait(fn: Callable[..., T], *args: object) -> T:
         return fn(*args)
     finally:
         state.nowait = previous
+
+
+def in_nowait_mode() -> bool:
+    """Whether this thread is inside :func:`call_nowait`. A driver with CPU-heavy reads that
+    declares ``cheap_reads`` serves what it has cached and raises WouldBlock for the rest, so
+    only those requests take the hop to a worker thread."""
+    return getattr(_thread_state, "nowait", False)
 
 
 def aligned_buffer(size: int, alignment: int) -> memoryview:
@@ -183,7 +191,7 @@ class HostFile:
             return b""
         if self.direct:
             return self._pread_direct(offset, length)
-        if getattr(_thread_state, "nowait", False):
+        if in_nowait_mode():
             return self._pread_nowait(offset, length)
         try:
             data = os.pread(self.fd, length, offset)

@@ -57,6 +57,16 @@ class ChunkCache(Generic[V]):
         with self._lock:
             return key in self._entries or key in self._pending
 
+    def peek(self, key: Hashable) -> V | None:
+        """The cached value for ``key`` (counted as a hit), or None when it is missing or still
+        being loaded: never waits and never loads."""
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+            return value
+
     def get(self, key: Hashable, load: Callable[[], V]) -> V:
         with self._lock:
             value = self._entries.get(key)

@@ -7,27 +7,33 @@ Read-only. Version 2 layout, every number big-endian:
 * at 136: ``count + 1`` u64 file offsets; block ``i`` is the zlib stream at
   ``[offsets[i], offsets[i+1])`` and inflates to exactly one block.
 
-The disk is ``count * block_size`` bytes. Inflated blocks are kept in a small LRU.
+The disk is ``count * block_size`` bytes. Inflated blocks are kept in a bounded LRU that
+loads each block once however many threads want it. A sequential reader gets the blocks after
+its read inflated ahead on a small pool (zlib releases the GIL). On the FUSE thread (non-blocking
+mode) a read whose blocks are cached, or that needs one small block inflated, is served there;
+anything more raises WouldBlock and hops to a worker thread (bench/RESULTS-formats-cloop.md).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import operator
+import os
 import re
 import struct
 import sys
 import threading
 import zlib
 from array import array
-from collections import OrderedDict
 from typing import Self
 
 from imgfs.block.driver import BlockDriver, OpenOptions, ProbeInput
 from imgfs.block.extent import Allocation, Extent
-from imgfs.block.hostfile import HostFile
+from imgfs.block.hostfile import HostFile, WouldBlock, in_nowait_mode
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, Unsupported
+from imgfs.errors import CorruptImage, ImgfsError, InvalidRequest, Unsupported
+from imgfs.formats._chunkcache import ChunkCache
 
 PREAMBLE_SIZE = 128
 BLOCK_HEADER = struct.Struct(">II")  # block_size, block count
@@ -42,6 +48,14 @@ MAX_BLOCKS = 8 * 1024 * 1024
 # Memory for inflated blocks (at least two blocks are always kept); run-time option
 # ``-o block-cache-size=BYTES``.
 DEFAULT_CACHE_BYTES = 16 * 1024 * 1024
+# Bytes inflated ahead of a sequential reader on the decode pool (``-o read-ahead=BYTES``).
+DEFAULT_READ_AHEAD = 2 * 1024 * 1024
+# Read-ahead is queued in tasks of at least this many bytes, so the hop to a pool thread
+# (~120 us) stays small beside the inflating (~0.35 ms per 64 KiB) it buys.
+READ_AHEAD_TASK_BYTES = 256 * 1024
+# On the FUSE thread (non-blocking mode) a read may inflate one block of at most this many
+# bytes itself rather than hop to a worker (``-o inline-decode=BYTES``).
+DEFAULT_INLINE_DECODE = 64 * 1024
 
 _VERSION_RE = re.compile(rb"#V(\d+\.\d+) Format")
 
@@ -62,34 +76,48 @@ def _preamble_version(head: bytes) -> bytes | None:
     return match.group(1)
 
 
-class _BlockCache:
-    """A bounded LRU of inflated blocks, by block index."""
+_pool_lock = threading.Lock()
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def __init__(self, max_entries: int) -> None:
-        self._max = max(2, max_entries)
-        self._blocks: OrderedDict[int, bytes] = OrderedDict()
-        self._lock = threading.Lock()
 
-    def get(self, index: int) -> bytes | None:
-        with self._lock:
-            block = self._blocks.get(index)
-            if block is not None:
-                self._blocks.move_to_end(index)
-            return block
+def _decode_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads that inflate blocks beside the reader, shared by every cloop image: one per
+    core (zlib releases the GIL while it inflates)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 1, thread_name_prefix="imgfs-cloop-decode"
+            )
+        return _pool
 
-    def put(self, index: int, block: bytes) -> None:
-        with self._lock:
-            self._blocks[index] = block
-            self._blocks.move_to_end(index)
-            while len(self._blocks) > self._max:
-                self._blocks.popitem(last=False)
+
+def _switch_option(options: OpenOptions, key: str, default: bool) -> bool:
+    text = options.driver_options.get(key)
+    if text is None:
+        return default
+    if text.lower() in ("on", "yes", "true", "1"):
+        return True
+    if text.lower() in ("off", "no", "false", "0"):
+        return False
+    raise InvalidRequest(f"-o {key}: bad value {text!r} (on or off)")
 
 
 class CloopDriver(BlockDriver):
     format_name = "cloop"
     supports_write = False
-    cheap_reads = False  # every read inflates
-    runtime_options = {"block-cache-size": "bytes of inflated blocks kept per image (default 16M)"}
+    # Reads inflate, but only what is not cached: in non-blocking mode (the FUSE thread) a read
+    # serves cached blocks inline and raises WouldBlock when it would inflate much, so only
+    # those requests hop to a worker thread. ``-o inline-reads=off`` sends every read there.
+    cheap_reads = True
+    runtime_options = {
+        "block-cache-size": "bytes of inflated blocks kept per image (default 16M)",
+        "read-ahead": "bytes inflated ahead of a sequential reader on other threads "
+        "(default 2M, 0 = off)",
+        "inline-reads": "serve cached blocks on the FUSE thread without a hop (default on)",
+        "inline-decode": "largest block a read may inflate on the FUSE thread (default 64K, "
+        "0 = none)",
+    }
 
     def __init__(
         self, file: HostFile, options: OpenOptions, block_size: int, offsets: array
@@ -100,7 +128,20 @@ class CloopDriver(BlockDriver):
         self.block_count = len(offsets) - 1
         self._offsets = offsets
         cache_bytes = options.size_option("block-cache-size", DEFAULT_CACHE_BYTES)
-        self._cache = _BlockCache(cache_bytes // block_size)
+        cache_bytes = max(cache_bytes, 2 * block_size)
+        self._cache: ChunkCache[bytes] = ChunkCache(cache_bytes)
+        # Read-ahead never takes more than half the cache, or it would evict what it is for.
+        read_ahead = options.size_option("read-ahead", DEFAULT_READ_AHEAD)
+        self._read_ahead_blocks = min(-(-read_ahead // block_size), cache_bytes // 2 // block_size)
+        self._task_blocks = max(1, READ_AHEAD_TASK_BYTES // block_size)
+        # An instance attribute: the Disk reads it from each layer.
+        self.cheap_reads = _switch_option(options, "inline-reads", True)
+        self._inline_decode = options.size_option("inline-decode", DEFAULT_INLINE_DECODE)
+        self._last_block = -2  # the last block of the previous read (sequential detection)
+        self._work_lock = threading.Lock()
+        self._work: set[concurrent.futures.Future[None]] = set()  # queued or running
+        self._queued: set[int] = set()  # blocks queued for read-ahead, not yet started
+        self._closed = False
 
     @classmethod
     def probe(cls, probe: ProbeInput) -> int:
@@ -170,10 +211,7 @@ class CloopDriver(BlockDriver):
     def virtual_size(self) -> int:
         return self.block_count * self.block_size
 
-    def _block(self, index: int) -> bytes:
-        cached = self._cache.get(index)
-        if cached is not None:
-            return cached
+    def _inflate(self, index: int) -> bytes:
         start, end = self._offsets[index], self._offsets[index + 1]
         compressed = self.file.pread(start, end - start)
         inflater = zlib.decompressobj()
@@ -189,24 +227,105 @@ class CloopDriver(BlockDriver):
                 f"{'more than ' if not inflater.eof and len(block) == self.block_size else ''}"
                 f"{len(block)} bytes, not one block of {self.block_size}"
             )
-        self._cache.put(index, block)
         return block
+
+    def _block(self, index: int) -> bytes:
+        """Block ``index``, from the cache or inflated (once, however many threads want it)."""
+        while True:
+            try:
+                return self._cache.get(index, lambda: self._inflate(index))
+            except WouldBlock:
+                if in_nowait_mode():
+                    raise
+                # Another thread's non-blocking inflate gave up (its host read would have
+                # waited): this thread may wait, so it loads the block itself.
 
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs
+        blocks = self._blocks_without_waiting(first, last) if in_nowait_mode() else None
+        if self._read_ahead_blocks and self._last_block <= first <= self._last_block + 1:
+            self._read_ahead(last + 1)
+        self._last_block = last
         if first == last:
+            block = blocks[0] if blocks else self._block(first)
             start = offset - first * bs
-            return memoryview(self._block(first))[start : start + length]
+            return memoryview(block)[start : start + length]
         out = bytearray(length)
         done = 0
         for index in range(first, last + 1):
-            block = self._block(index)
+            block = blocks[index - first] if blocks else self._block(index)
             start = offset + done - index * bs
             n = min(bs - start, length - done)
             out[done : done + n] = memoryview(block)[start : start + n]
             done += n
         return out
+
+    def _blocks_without_waiting(self, first: int, last: int) -> list[bytes]:
+        """On the FUSE thread: the blocks if they are cached, with at most one small block
+        inflated here; otherwise WouldBlock (the request is retried on a worker thread)."""
+        blocks: list[bytes] = []
+        missing = -1
+        for index in range(first, last + 1):
+            block = self._cache.peek(index)
+            if block is None:
+                # Inflating more than one small block, or waiting for another thread's
+                # inflate, would stall every other request on the event loop.
+                if missing >= 0 or self.block_size > self._inline_decode or index in self._cache:
+                    raise WouldBlock
+                missing = index - first
+                block = b""
+            blocks.append(block)
+        if missing >= 0:
+            blocks[missing] = self._block(first + missing)  # host reads stay RWF_NOWAIT
+        return blocks
+
+    def _read_ahead(self, start: int) -> None:
+        """A sequential reader will want the blocks from ``start`` next: inflate the ones not
+        yet cached or queued on the pool, in tasks of several blocks (one hop each)."""
+        end = min(self.block_count, start + self._read_ahead_blocks)
+        with self._work_lock:
+            wanted = [
+                i for i in range(start, end) if i not in self._queued and i not in self._cache
+            ]
+        for at in range(0, len(wanted), self._task_blocks):
+            task = wanted[at : at + self._task_blocks]
+            self._submit(task)
+
+    def _inflate_ahead(self, indexes: list[int]) -> None:
+        for index in indexes:
+            with self._work_lock:
+                self._queued.discard(index)
+            if self._closed or index in self._cache:
+                continue
+            try:
+                self._block(index)
+            except ImgfsError:
+                pass  # the reader that needs the block gets the error itself
+
+    def _submit(self, indexes: list[int]) -> None:
+        with self._work_lock:
+            if self._closed:
+                return
+            self._queued.update(indexes)
+            future = _decode_pool().submit(self._inflate_ahead, indexes)
+            self._work.add(future)
+        future.add_done_callback(self._work_done)
+
+    def _work_done(self, future: concurrent.futures.Future[None]) -> None:
+        with self._work_lock:
+            self._work.discard(future)
+
+    def close(self) -> None:
+        # In-flight inflates read the host file: wait for them before it is closed.
+        with self._work_lock:
+            self._closed = True
+            pending = list(self._work)
+        for future in pending:
+            future.cancel()
+        concurrent.futures.wait(pending)
+        self._cache.clear()
+        super().close()
 
     def block_status(self, offset: int, length: int) -> Extent:
         # Every block is stored (compressed): data with no single host offset.

@@ -9,14 +9,16 @@ import random
 import shutil
 import struct
 import subprocess
+import threading
+import time
 import zlib
 from pathlib import Path
 
 import pytest
 
 from imgfs.block.disk import open_disk
-from imgfs.block.hostfile import CacheMode
-from imgfs.errors import CorruptImage, ImgfsError, ReadOnly, Unsupported
+from imgfs.block.hostfile import CacheMode, WouldBlock, call_nowait
+from imgfs.errors import CorruptImage, ImgfsError, InvalidRequest, ReadOnly, Unsupported
 from imgfs.formats.cloop import CloopDriver
 from tests.conftest import SHARED
 from tests.oracle import assert_export_matches_qemu, qemu_info, qemu_raw
@@ -137,10 +139,171 @@ def test_block_cache_is_bounded(tmp_path: Path) -> None:
         assert bytes(disk.read(0, len(data))) == data
         driver = disk.top
         assert isinstance(driver, CloopDriver)
-        assert len(driver._cache._blocks) <= 4
-        assert not CloopDriver.cheap_reads
+        assert driver._cache.cached_bytes <= 262144
     finally:
         disk.close()
+
+
+def wait_idle(driver: CloopDriver) -> None:
+    """Until the decode pool has finished this image's queued work."""
+    deadline = time.monotonic() + 30
+    while driver._work and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not driver._work
+
+
+def test_sequential_reads_inflate_ahead(tmp_path: Path) -> None:
+    data = mixed_data(3 * MiB, seed=21)
+    image = make_cloop(tmp_path, "disk.cloop", data, "-B", "65536")
+    disk = open_disk(str(image), "cloop", read_only=True, driver_options={"read-ahead": "512K"})
+    try:
+        driver = disk.top
+        assert isinstance(driver, CloopDriver)
+        assert bytes(disk.read(0, 100 * KiB)) == data[: 100 * KiB]  # blocks 0-1
+        assert bytes(disk.read(100 * KiB, 100 * KiB)) == data[100 * KiB : 200 * KiB]  # 1-3
+        wait_idle(driver)
+        # The second read continued the first: the 8 blocks after block 3 were inflated ahead.
+        assert all(i in driver._cache for i in range(4, 12))
+        assert 12 not in driver._cache
+        misses = driver._cache.misses
+        assert bytes(disk.read(256 * KiB, 512 * KiB)) == data[256 * KiB : 768 * KiB]
+        assert driver._cache.misses == misses  # served from what was read ahead
+        # A read elsewhere is not sequential: nothing more is inflated ahead.
+        wait_idle(driver)
+        assert bytes(disk.read(2 * MiB, 10)) == data[2 * MiB : 2 * MiB + 10]
+        wait_idle(driver)
+        assert 33 not in driver._cache
+        assert bytes(disk.read(0, len(data))) == data
+    finally:
+        disk.close()
+
+
+@pytest.mark.parametrize("opts", [{}, {"read-ahead": "0"}, {"inline-decode": "1M"}])
+def test_parallel_readers_with_read_ahead(tmp_path: Path, opts) -> None:
+    data = mixed_data(2 * MiB, seed=22)
+    image = make_cloop(tmp_path, "disk.cloop", data, "-B", "16384")
+    disk = open_disk(
+        str(image), "cloop", read_only=True, driver_options={"block-cache-size": "256K", **opts}
+    )
+    errors: list[str] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        pos = rng.randrange(len(data))
+        for _ in range(60):
+            if rng.random() < 0.3:
+                pos = rng.randrange(len(data))
+            n = rng.randrange(1, 300 * KiB)
+            # As the FUSE layer reads: inline first, on "WouldBlock" again where it may wait.
+            try:
+                got = bytes(call_nowait(disk.read, pos, n)) if seed % 2 else b""
+            except WouldBlock:
+                got = b""
+            if not got:
+                got = bytes(disk.read(pos, n))
+            if got != data[pos : pos + n]:
+                errors.append(f"read {pos}+{n}")
+            pos = (pos + n) % len(data)
+
+    try:
+        threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        driver = disk.top
+        assert isinstance(driver, CloopDriver)
+        wait_idle(driver)
+        assert driver._cache.cached_bytes <= 256 * KiB
+    finally:
+        disk.close()
+
+
+def test_close_waits_for_inflates_in_flight(tmp_path: Path) -> None:
+    data = mixed_data(4 * MiB, seed=23)
+    image = make_cloop(tmp_path, "disk.cloop", data, "-B", "4096")
+    for _ in range(3):
+        disk = open_disk(str(image), "cloop", read_only=True, driver_options={"read-ahead": "2M"})
+        driver = disk.top
+        assert isinstance(driver, CloopDriver)
+        disk.read(0, 4096)
+        disk.read(4096, 4096)  # sequential: queues 512 blocks of read-ahead
+        in_flight = list(driver._work)
+        assert in_flight
+        disk.close()
+        assert all(f.done() for f in in_flight)
+        assert not driver._work
+        # Work queued after close is refused, not run against the closed file.
+        driver._read_ahead(100)
+        assert not driver._work
+
+
+def test_read_ahead_of_a_corrupt_block_leaves_the_error_to_its_reader(tmp_path: Path) -> None:
+    image = tmp_path / "bad.cloop"
+    hand_cloop(image, 4096, [bytes([i]) * 4096 for i in range(6)])
+    offset_of_block_4 = struct.unpack_from(">Q", image.read_bytes(), 136 + 8 * 4)[0]
+    patch(image, offset_of_block_4 + 2, b"\xff" * 6)
+    disk = open_disk(str(image), "cloop", read_only=True)
+    try:
+        driver = disk.top
+        assert isinstance(driver, CloopDriver)
+        assert bytes(disk.read(0, 4096)) == bytes(4096)
+        assert bytes(disk.read(4096, 4096)) == b"\1" * 4096  # read-ahead meets block 4
+        wait_idle(driver)
+        assert 4 not in driver._cache
+        assert bytes(disk.read(5 * 4096, 4096)) == b"\5" * 4096
+        with pytest.raises(CorruptImage, match="block 4"):
+            disk.read(3 * 4096, 2 * 4096)
+    finally:
+        disk.close()
+
+
+def test_nowait_reads_serve_cached_blocks_and_refuse_to_inflate_much(tmp_path: Path) -> None:
+    data = mixed_data(1 * MiB, seed=24)
+    image = make_cloop(tmp_path, "disk.cloop", data, "-B", "65536")
+    disk = open_disk(str(image), "cloop", read_only=True, driver_options={"read-ahead": "0"})
+    try:
+        assert not disk.reads_may_block  # the FUSE layer tries reads inline first
+        driver = disk.top
+        assert isinstance(driver, CloopDriver)
+        # Two missing blocks: refused, and nothing was inflated or cached.
+        with pytest.raises(WouldBlock):
+            call_nowait(disk.read, 60 * KiB, 10 * KiB)
+        assert driver._cache.misses == 0
+        # One missing block of 64 KiB (the inline-decode limit) is inflated inline.
+        assert bytes(call_nowait(disk.read, 10, 1000)) == data[10:1010]
+        assert bytes(disk.read(0, 256 * KiB)) == data[: 256 * KiB]  # blocks 0-3, blocking
+        misses = driver._cache.misses
+        assert bytes(call_nowait(disk.read, 5, 200 * KiB)) == data[5 : 5 + 200 * KiB]
+        assert driver._cache.misses == misses  # all cached: no inflate
+    finally:
+        disk.close()
+    disk = open_disk(str(image), "cloop", read_only=True, driver_options={"inline-decode": "0"})
+    try:
+        with pytest.raises(WouldBlock):
+            call_nowait(disk.read, 0, 10)
+        assert bytes(disk.read(0, 10)) == data[:10]
+        assert bytes(call_nowait(disk.read, 0, 10)) == data[:10]
+    finally:
+        disk.close()
+    disk = open_disk(str(image), "cloop", read_only=True, driver_options={"inline-reads": "off"})
+    try:
+        assert disk.reads_may_block  # every read goes to a worker thread
+    finally:
+        disk.close()
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("inline-reads", "maybe"), ("inline-reads", "2"), ("read-ahead", "-1"), ("read-ahead", "x")],
+)
+def test_bad_option_values_are_refused(tmp_path: Path, key: str, value: str) -> None:
+    image = tmp_path / "h.cloop"
+    hand_cloop(image, 4096, [bytes(4096)])
+    with pytest.raises(InvalidRequest) as e:
+        open_disk(str(image), "cloop", read_only=True, driver_options={key: value})
+    assert value in str(e.value)
 
 
 def test_corpus_simple_pattern(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imgfs.block.hostfile import CacheMode, HostFile, WouldBlock, call_nowait
+from imgfs.block.hostfile import CacheMode, HostFile, WouldBlock, call_nowait, in_nowait_mode
 from imgfs.errors import HostIOError, UsageError
 
 SIZE = 256 * 1024
@@ -131,6 +131,19 @@ def test_nowait_read_of_uncached_data_would_block(tmp_path: Path) -> None:
         assert len(f.pread(2 << 20, 1 << 20)) == 1 << 20  # a blocking read still works
     finally:
         f.close()
+
+
+def test_in_nowait_mode_is_true_only_inside_call_nowait() -> None:
+    assert not in_nowait_mode()
+    assert call_nowait(in_nowait_mode)
+    assert call_nowait(call_nowait, in_nowait_mode)  # nested
+    with pytest.raises(WouldBlock):
+        call_nowait(_raise_would_block)
+    assert not in_nowait_mode()  # restored after an exception too
+
+
+def _raise_would_block() -> None:
+    raise WouldBlock
 
 
 def test_read_only_file_refuses_writes(tmp_path: Path) -> None:
