@@ -128,8 +128,12 @@ STREAM_STEP = 64 * 1024
 # ... reading the compressed bytes in pieces of this size.
 STREAM_INPUT = 128 * 1024
 # Sequential reads: chunks decoded ahead on other threads, and the smallest chunk worth the hop.
-READ_AHEAD_CHUNKS = 2
-MAX_READ_AHEAD_CHUNKS = 16
+# Bytes of chunks decoded ahead of a sequential reader (about two of hdiutil's 1 MiB chunks).
+# The same -o read-ahead=BYTES means the same to cloop, since one mount option reaches every
+# driver.
+READ_AHEAD_BYTES = 2 * 1024 * 1024
+MAX_READ_AHEAD_BYTES = 64 * 1024 * 1024
+MAX_READ_AHEAD_RUNS = 64
 READ_AHEAD_MIN_BYTES = 128 * 1024
 
 CHECKSUM_CRC32 = 2
@@ -442,8 +446,8 @@ class DmgDriver(BlockDriver):
     cheap_reads = False  # reads decompress
     runtime_options = {
         "chunk-cache-size": "bytes of decompressed chunks kept per image (default 64M)",
-        "read-ahead": "chunks decoded ahead of a sequential reader on other threads "
-        f"(default {READ_AHEAD_CHUNKS}, 0 = off)",
+        "read-ahead": "bytes decoded ahead of a sequential reader on other threads "
+        "(default 2M, 0 = off)",
     }
 
     def __init__(
@@ -466,9 +470,11 @@ class DmgDriver(BlockDriver):
         cache_bytes = options.size_option("chunk-cache-size", DEFAULT_CACHE_BYTES)
         self._cache: ChunkCache[DecodedChunk] = ChunkCache(cache_bytes)
         # Read-ahead of sequential reads (see _read_ahead); 0 turns it off.
-        self._read_ahead_chunks = _count_option(
-            options, "read-ahead", READ_AHEAD_CHUNKS, MAX_READ_AHEAD_CHUNKS
-        )
+        self._read_ahead_bytes = options.size_option("read-ahead", READ_AHEAD_BYTES)
+        if self._read_ahead_bytes > MAX_READ_AHEAD_BYTES:
+            raise InvalidRequest(
+                f"option read-ahead: {self._read_ahead_bytes} is more than {MAX_READ_AHEAD_BYTES}"
+            )
         self._last_index = -2
         self._ahead_lock = threading.Lock()
         self._ahead: dict[concurrent.futures.Future[None], int] = {}  # queued -> chunk key
@@ -586,7 +592,7 @@ class DmgDriver(BlockDriver):
         if run.kind == CT_RAW:
             return self.file.pread(run.file_offset + inner, length)
         if index != self._last_index:
-            if index == self._last_index + 1 and self._read_ahead_chunks:
+            if index == self._last_index + 1 and self._read_ahead_bytes:
                 self._read_ahead(index)
             self._last_index = index
         chunk = self._cache.get(run.start, lambda: self._open_chunk(run))
@@ -600,7 +606,12 @@ class DmgDriver(BlockDriver):
         decode pool (zlib, bz2 and lzma release the GIL), so both cores work while the reader
         waits for one chunk at a time. Small chunks are left alone: a thread hop (~120 us
         here) would cost more than their decoding."""
-        for ahead in self._runs[index + 1 : index + 1 + self._read_ahead_chunks]:
+        budget = self._read_ahead_bytes
+        # Bounded by the budget and by a run count, so tables of tiny runs cost little.
+        for ahead in self._runs[index + 1 : index + 1 + MAX_READ_AHEAD_RUNS]:
+            if budget <= 0:
+                break
+            budget -= ahead.sectors * SECTOR
             if ahead.kind not in COMPRESSED_TYPES or ahead.sectors * SECTOR < READ_AHEAD_MIN_BYTES:
                 continue
             with self._ahead_lock:
@@ -780,15 +791,6 @@ def _stored_crc(field: bytes) -> int:
 
 def _reads_zero(run: Run | None) -> bool:
     return run is None or run.kind in (CT_ZERO, CT_IGNORE)
-
-
-def _count_option(options: OpenOptions, key: str, default: int, limit: int) -> int:
-    text = options.driver_options.get(key)
-    if text is None:
-        return default
-    if not text.isdigit() or int(text) > limit:
-        raise InvalidRequest(f"bad {key} value {text!r} (0 to {limit})")
-    return int(text)
 
 
 def _blkx_from_plist(path: str, text: bytes) -> list[tuple[bytes, str, int | None]]:
