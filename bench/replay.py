@@ -11,7 +11,8 @@
         runs, in an order that rotates between repetitions, fio (several engines, all at 32
         requests in flight) and `imgfs replay --file MNT/disk.raw --queue-depth QD` of each
         trace, all against the same exported file and the same mount. Prints every run and the
-        medians, and writes them as JSON (--json).
+        medians, and writes them as JSON (--json). --baseline COMMIT adds the virtio replay run
+        with the imgfs of COMMIT (git archive), to compare a change to the replay path.
 
 Heavy: it saturates the machine for a few minutes. The numbers are only meaningful side by side
 (same run, same load); `uptime` is printed before and after.
@@ -161,11 +162,15 @@ def run_fio(cmd: list[str]) -> float:
     return float(job["iops"])
 
 
-def run_replay(trace: Path, exported: Path, qd: int) -> tuple[float, str]:
+def run_replay(trace: Path, exported: Path, qd: int, code: str | None = None) -> tuple[float, str]:
+    """`imgfs replay` of ``trace``; ``code``: run the imgfs package from this tree instead."""
     cmd = imgfs_cmd(
         "replay", "--file", str(exported), "--queue-depth", str(qd), "--no-progress", str(trace)
     )
-    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env())
+    env = subprocess_env()
+    if code is not None:
+        env["PYTHONPATH"] = code
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"replay failed ({result.returncode}):\n{result.stdout}{result.stderr}")
     match = re.search(r"time: ([\d.]+) s, (\d+) IOPS", result.stdout)
@@ -175,7 +180,9 @@ def run_replay(trace: Path, exported: Path, qd: int) -> tuple[float, str]:
     return float(match.group(2)), result.stdout
 
 
-def bench_compare(n: int, reps: int, size: int, qd: int, workdir: str | None) -> dict:
+def bench_compare(
+    n: int, reps: int, size: int, qd: int, workdir: str | None, baseline: str | None
+) -> dict:
     report: dict = {"n": n, "qd": qd, "size": size, "reps": reps, "uptime_before": uptime()}
     print(report["uptime_before"])
     with tempfile.TemporaryDirectory(prefix="imgfs-emubench-", dir=workdir) as tmp:
@@ -204,6 +211,22 @@ def bench_compare(n: int, reps: int, size: int, qd: int, workdir: str | None) ->
                 f"imgfs replay --file {exported} --queue-depth {qd} --no-progress {trace.name}"
             )
             jobs[name] = lambda trace=trace: run_replay(trace, exported, qd)[0]
+        if baseline:
+            # The same replay with an older imgfs (a git tree-ish of this repository), to show
+            # what a change to the replay path bought, in the same run.
+            base = root / "baseline"
+            base.mkdir()
+            archive = subprocess.run(
+                ["git", "-C", str(REPO), "archive", baseline, "imgfs"],
+                capture_output=True,
+                check=True,
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+            name = f"imgfs replay virtio qd{qd} ({baseline})"
+            commands[name] = (
+                f"PYTHONPATH=<git archive {baseline}> " + commands[f"imgfs replay virtio qd{qd}"]
+            )
+            jobs[name] = lambda: run_replay(traces["virtio"], exported, qd, str(base))[0]
         try:
             names = list(jobs)
             for rep in range(reps):
@@ -247,13 +270,14 @@ def main() -> int:
     c.add_argument("--qd", type=int, default=32)
     c.add_argument("--size", type=int, default=1 << 30)
     c.add_argument("--dir", help="where to put the image and mount point (default: $TMPDIR)")
+    c.add_argument("--baseline", metavar="COMMIT", help="also replay virtio with this imgfs")
     for q in (d, c):
         q.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = p.parse_args()
     if args.what == "decode":
         report: dict = bench_decode(args.n)
     else:
-        report = bench_compare(args.n, args.reps, args.size, args.qd, args.dir)
+        report = bench_compare(args.n, args.reps, args.size, args.qd, args.dir, args.baseline)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
