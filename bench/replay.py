@@ -13,6 +13,10 @@
         trace, all against the same exported file and the same mount. Prints every run and the
         medians, and writes them as JSON (--json). --baseline COMMIT adds the virtio replay run
         with the imgfs of COMMIT (git archive), to compare a change to the replay path.
+    bench/replay.py split [--n N] [--qd 1 8 32]
+        in-process replay of the virtio trace against a fresh imgfs export at each queue depth:
+        IOPS, time per request inside pwrite vs. Python time between a thread's pwrites, and
+        the replay's CPU per request (user, sys).
 
 Heavy: it saturates the machine for a few minutes. The numbers are only meaningful side by side
 (same run, same load); `uptime` is printed before and after.
@@ -29,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -259,6 +264,76 @@ def bench_compare(
     return report
 
 
+class _TimedWrites:
+    """Wraps HostFile.pwrite: seconds spent inside it, and seconds each thread spent between
+    the return of one call and the start of its next."""
+
+    def __init__(self, pwrite: Callable[[int, bytes], None]) -> None:
+        self.pwrite = pwrite
+        self.inside = 0.0
+        self.between = 0.0
+        self.local = threading.local()
+        self.lock = threading.Lock()
+
+    def __call__(self, offset: int, data: bytes) -> None:
+        start = time.perf_counter()
+        last = getattr(self.local, "last", None)
+        self.pwrite(offset, data)
+        end = self.local.last = time.perf_counter()
+        with self.lock:
+            self.inside += end - start
+            if last is not None:
+                self.between += start - last
+
+
+def bench_split(n: int, qds: list[int], size: int, workdir: str | None) -> dict:
+    """Where a replayed request's time goes, in-process against an imgfs export: time inside
+    pwrite (waiting for the FUSE daemon, queueing included) vs. the Python time between one
+    pwrite's return and the same thread's next pwrite, and the replay's CPU (user/sys)."""
+    from imgfs.emulation.replay import Replayer
+    from imgfs.emulation.target import FileTarget
+
+    report: dict = {"uptime_before": uptime(), "split": {}}
+    print(report["uptime_before"])
+    lines = random_write_trace("virtio", n, size)
+    with tempfile.TemporaryDirectory(prefix="imgfs-emubench-", dir=workdir) as tmp:
+        root = Path(tmp)
+        (root / "images").mkdir()
+        with open(root / "images" / "disk.raw", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+        mount = start_mount(root / "images", root / "mnt", root / "imgfs.log")
+        try:
+            for qd in qds:
+                target = FileTarget(str(mount.file("disk.raw")))
+                timed = _TimedWrites(target.file.pwrite)
+                target.file.pwrite = timed  # type: ignore[method-assign]
+                t0 = os.times()
+                summary = Replayer(target, queue_depth=qd).run(lines)
+                t1 = os.times()
+                target.close()
+                row = {
+                    "iops": summary.requests / summary.seconds,
+                    "in_pwrite_us": 1e6 * timed.inside / n,
+                    "between_pwrites_us": 1e6 * timed.between / n,
+                    "user_us": 1e6 * (t1.user - t0.user) / n,
+                    "sys_us": 1e6 * (t1.system - t0.system) / n,
+                }
+                report["split"][qd] = row
+                print(
+                    f"qd {qd}: {row['iops']:,.0f} IOPS; per request: in pwrite "
+                    f"{row['in_pwrite_us']:,.0f} us, Python between pwrites "
+                    f"{row['between_pwrites_us']:.0f} us, CPU user {row['user_us']:.0f} us "
+                    f"+ sys {row['sys_us']:.0f} us",
+                    flush=True,
+                )
+        finally:
+            mount.umount()
+            stop_mount(mount)
+    report["uptime_after"] = uptime()
+    print(report["uptime_after"])
+    return report
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="what", required=True)
@@ -271,11 +346,18 @@ def main() -> int:
     c.add_argument("--size", type=int, default=1 << 30)
     c.add_argument("--dir", help="where to put the image and mount point (default: $TMPDIR)")
     c.add_argument("--baseline", metavar="COMMIT", help="also replay virtio with this imgfs")
-    for q in (d, c):
+    sp = sub.add_parser("split")
+    sp.add_argument("--n", type=int, default=20_000)
+    sp.add_argument("--qd", type=int, nargs="+", default=[1, 8, 32])
+    sp.add_argument("--size", type=int, default=1 << 30)
+    sp.add_argument("--dir")
+    for q in (d, c, sp):
         q.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = p.parse_args()
     if args.what == "decode":
         report: dict = bench_decode(args.n)
+    elif args.what == "split":
+        report = bench_split(args.n, args.qd, args.size, args.dir)
     else:
         report = bench_compare(args.n, args.reps, args.size, args.qd, args.dir, args.baseline)
     if args.json:
