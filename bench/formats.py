@@ -120,6 +120,8 @@ class Peer:
     def __init__(self, peer: str, image: Path, fmt: str, mdir: Path, writable: bool) -> None:
         # "imgfs:OPTS" is imgfs mounted with -o OPTS (e.g. imgfs:read-ahead=0), for A/B runs.
         self.kind, _, self.opts = peer.partition(":")
+        # --peers is comma-separated, so a peer's own mount options are joined with "+".
+        self.opts = self.opts.replace("+", ",")
         self.image, self.fmt, self.mdir, self.writable = image, fmt, mdir, writable
         self.proc: subprocess.Popen | None = None
 

@@ -179,7 +179,9 @@ class BlockDriver(ABC):
     #: The driver implements write() and friends at all (an image may still open read-only).
     supports_write: ClassVar[bool] = False
     #: Reads are page-cache-speed lookups plus host reads (no decompression or crypto), so the
-    #: FUSE layer may serve them inline on the trio thread.
+    #: FUSE layer may serve them inline on the trio thread; or the driver raises WouldBlock when
+    #: ``hostfile.in_nowait_mode()`` and a read would decompress much (cloop does this). A
+    #: driver may set it per instance.
     cheap_reads: ClassVar[bool] = True
 
     #: The backing image, opened read-only; set by :meth:`attach_backing`.
