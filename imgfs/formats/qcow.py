@@ -178,6 +178,8 @@ class QcowDriver(BlockDriver):
                     f"{h.backing_file_size} bytes"
                 )
             name = bytes(file.pread(h.backing_file_offset, h.backing_file_size))
+            if b"\0" in name:
+                raise CorruptImage(f"{path}: qcow backing file name {name!r} holds a NUL byte")
             backing_name = name.decode("utf-8", "surrogateescape")
         return cls(file, options, h, backing_name)
 

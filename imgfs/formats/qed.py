@@ -231,6 +231,8 @@ class QedDriver(BlockDriver):
                     f"{h.backing_filename_size} bytes"
                 )
             name = bytes(file.pread(h.backing_filename_offset, h.backing_filename_size))
+            if b"\0" in name:
+                raise CorruptImage(f"{path}: qed backing file name {name!r} holds a NUL byte")
             backing_name = name.decode("utf-8", "surrogateescape")
         if h.autoclear_features and not options.read_only and file.writable:
             h.autoclear_features = 0
