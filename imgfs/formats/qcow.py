@@ -51,6 +51,10 @@ L2_BITS_MAX = 13
 # qemu stores at most this many bytes of backing file name.
 BACKING_NAME_MAX = 1023
 SIZE_MAX = 1 << 62
+# One _map call takes no more steps (a cluster, or an absent L2 table's span) than this;
+# callers loop. A block-status request over a huge disk must not walk millions of entries
+# under the lock.
+MAP_RUN_STEPS = 65536
 COMPRESSED = 1 << 63
 L2_CACHE_TABLES = 128  # at most 8 MiB with 64 KiB tables
 # Raw deflate with a 4 KiB window, which is what qemu's qcow inflates.
@@ -234,8 +238,17 @@ class QcowDriver(BlockDriver):
         if first & COMPRESSED:
             return first, run
         expected = first
-        while run < length:
+        steps = 0
+        while run < length and steps < MAP_RUN_STEPS:
+            steps += 1
             cluster += 1
+            l1_index, l2_index = divmod(cluster, self.l2_entries)
+            if not first and l2_index == 0 and not self.l1[l1_index]:
+                # A whole L2 table's span is unallocated: one step, not one per cluster, so
+                # mapping a huge empty disk stays cheap.
+                run = min(length, run + self.l2_entries * cs)
+                cluster += self.l2_entries - 1
+                continue
             if first:
                 expected += cs
             if self._entry(cluster) != expected:

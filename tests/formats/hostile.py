@@ -424,6 +424,17 @@ def exercise(
             errors.append(f"{type(e).__name__}: {e}")
         return None
 
+    # Every driver's probe and companion_files must take any file without raising.
+    from imgfs.block import registry
+
+    probe_input = registry.read_probe_input(path) if os.path.isfile(path) else None
+    for cls in registry.all_drivers():
+        if probe_input is not None:
+            score = cls.probe(probe_input)
+            if not 0 <= score <= 100:
+                raise Bug(f"{cls.format_name} probe scored {score}")
+        cls.companion_files(path)
+
     disk = step(lambda: open_disk(path, fmt, read_only=True, containment=containment))
     opened.append(disk is not None)
     if disk is not None:

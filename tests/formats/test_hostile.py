@@ -322,3 +322,27 @@ def test_worker_limit_turns_a_huge_allocation_into_memory_error() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
     assert out.stdout.strip() == "limited", out.stderr
+
+
+def test_qcow_block_status_over_a_huge_empty_disk_is_quick(tmp_path: Path) -> None:
+    """_map walked cluster by cluster with no cap: one block-status request over an empty
+    64 GiB qcow looked at 2**24 entries (a mutant with a big size field hung)."""
+    import subprocess
+
+    image = tmp_path / "big.qcow"
+    subprocess.run(["qemu-img", "create", "-f", "qcow", str(image), "64G"], check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+    disk = open_disk(str(image), "qcow", read_only=True)
+    try:
+        start = time.monotonic()
+        offset = 0
+        for _ in range(100):
+            ext = disk.block_status(offset, disk.size - offset)
+            assert ext.allocation.name == "UNALLOCATED"
+            offset += ext.length
+            if offset == disk.size:
+                break
+        assert offset == disk.size, f"100 block-status calls covered {offset} bytes"
+        assert time.monotonic() - start < 5
+    finally:
+        disk.close()
