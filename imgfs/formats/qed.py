@@ -56,6 +56,10 @@ DEFAULT_TABLE = 4
 BACKING_NAME_MAX = 4096
 # Virtual sizes beyond this are refused (offsets must fit in a signed 64-bit file offset).
 SIZE_MAX = 1 << 62
+# One _map call takes no more steps (a cluster, or an absent L2 table's span) than this;
+# callers loop. A block-status request over a huge disk must not walk millions of entries
+# under the lock.
+MAP_RUN_STEPS = 65536
 
 ZERO_CLUSTER = 1
 # check() reports the first problems found, not all of a hostile image's millions.
@@ -333,8 +337,17 @@ class QedDriver(BlockDriver):
         first = self._entry(cluster)
         run = min(length, cs - offset % cs)
         expected = first
-        while run < length:
+        steps = 0
+        while run < length and steps < MAP_RUN_STEPS:
+            steps += 1
             cluster += 1
+            l1_index, l2_index = divmod(cluster, self.table_entries)
+            if not first and l2_index == 0 and not self.l1[l1_index]:
+                # A whole L2 table's span is unallocated: one step, not one per cluster, so
+                # mapping a huge empty disk stays cheap.
+                run = min(length, run + self.table_entries * cs)
+                cluster += self.table_entries - 1
+                continue
             if first > ZERO_CLUSTER:
                 expected += cs
             entry = self._entry(cluster)
