@@ -55,6 +55,8 @@ SIZE_MAX = 1 << 62
 # callers loop. A block-status request over a huge disk must not walk millions of entries
 # under the lock.
 MAP_RUN_STEPS = 65536
+# The L1 table is loaded whole: 128 MiB covers 32 TiB at qemu's default geometry.
+MAX_L1_BYTES = 128 * 1024 * 1024
 COMPRESSED = 1 << 63
 L2_CACHE_TABLES = 128  # at most 8 MiB with 64 KiB tables
 # Raw deflate with a 4 KiB window, which is what qemu's qcow inflates.
@@ -163,6 +165,12 @@ class QcowDriver(BlockDriver):
             raise CorruptImage(f"{path}: bad qcow size {h.size}")
         file_size = file.size()
         l1_len = -(-h.size // (1 << (h.cluster_bits + h.l2_bits))) * 8
+        if l1_len > MAX_L1_BYTES:
+            # The L1 table is loaded whole; a sparse file could otherwise make it any size.
+            raise Unsupported(
+                f"{path}: qcow L1 table of {l1_len} bytes for a {h.size}-byte disk "
+                f"(imgfs holds at most {MAX_L1_BYTES})"
+            )
         if h.l1_table_offset < HEADER.size or h.l1_table_offset + l1_len > file_size:
             raise CorruptImage(
                 f"{path}: qcow L1 table at {h.l1_table_offset} ({l1_len} bytes) "

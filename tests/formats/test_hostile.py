@@ -19,7 +19,7 @@ import pytest
 
 from imgfs.block.chain import Containment
 from imgfs.block.disk import open_disk
-from imgfs.errors import CorruptImage, ImgfsError
+from imgfs.errors import CorruptImage, ImgfsError, Unsupported
 from tests.formats import hostile
 from tests.formats.hostile import Base, make_bases, make_mutant, run_mutants, scratch_dir
 
@@ -370,3 +370,32 @@ def test_qed_block_status_over_a_huge_empty_disk_is_quick(tmp_path: Path) -> Non
         assert time.monotonic() - start < 5
     finally:
         disk.close()
+
+
+def sparse_with_header(path: Path, header: bytes, size: int) -> None:
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(size)
+
+
+def test_qcow_l1_table_in_a_sparse_file_is_capped(tmp_path: Path) -> None:
+    """The L1 table was limited only by the file size, and a sparse file is any size: a
+    64 TiB disk's 256 MiB L1 was read into memory whole."""
+    import struct
+
+    image = tmp_path / "sparse.qcow"
+    l1 = 256 * MiB
+    header = struct.pack(">4sIQIIQBBHIQ", b"QFI\xfb", 1, 0, 0, 0, (l1 // 8) << 21, 12, 9, 0, 0, 48)
+    sparse_with_header(image, header, 48 + l1)
+    open_fails(image, "qcow", "qcow L1 table of 268435456 bytes", Unsupported)
+
+
+def test_qed_table_of_a_gibibyte_is_refused(tmp_path: Path) -> None:
+    """64 MiB clusters x table_size 16: a 1 GiB L1 table, read whole at open."""
+    import struct
+
+    image = tmp_path / "sparse.qed"
+    cs = 64 * MiB
+    header = struct.pack("<4sIIIQQQQQII", b"QED\0", cs, 16, 1, 0, 0, 0, cs, 1 << 40, 0, 0)
+    sparse_with_header(image, header, cs + 16 * cs)
+    open_fails(image, "qed", "qed tables of 16 x 67108864 bytes", Unsupported)
