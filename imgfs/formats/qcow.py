@@ -165,16 +165,16 @@ class QcowDriver(BlockDriver):
             raise CorruptImage(f"{path}: bad qcow size {h.size}")
         file_size = file.size()
         l1_len = -(-h.size // (1 << (h.cluster_bits + h.l2_bits))) * 8
+        if h.l1_table_offset < HEADER.size or h.l1_table_offset + l1_len > file_size:
+            raise CorruptImage(
+                f"{path}: qcow L1 table at {h.l1_table_offset} ({l1_len} bytes) "
+                f"is outside the file ({file_size} bytes)"
+            )
         if l1_len > MAX_L1_BYTES:
             # The L1 table is loaded whole; a sparse file could otherwise make it any size.
             raise Unsupported(
                 f"{path}: qcow L1 table of {l1_len} bytes for a {h.size}-byte disk "
                 f"(imgfs holds at most {MAX_L1_BYTES})"
-            )
-        if h.l1_table_offset < HEADER.size or h.l1_table_offset + l1_len > file_size:
-            raise CorruptImage(
-                f"{path}: qcow L1 table at {h.l1_table_offset} ({l1_len} bytes) "
-                f"is outside the file ({file_size} bytes)"
             )
         backing_name = None
         if h.backing_file_offset:

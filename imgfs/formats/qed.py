@@ -60,8 +60,6 @@ SIZE_MAX = 1 << 62
 # callers loop. A block-status request over a huge disk must not walk millions of entries
 # under the lock.
 MAP_RUN_STEPS = 65536
-# The L1 table is loaded whole: cap it (64 MiB clusters x 16 would be 1 GiB).
-MAX_L1_BYTES = 256 * 1024 * 1024
 
 ZERO_CLUSTER = 1
 # check() reports the first problems found, not all of a hostile image's millions.
@@ -199,12 +197,6 @@ class QedDriver(BlockDriver):
             raise CorruptImage(f"{path}: bad qed cluster_size {h.cluster_size}")
         if not _is_pow2(h.table_size) or not TABLE_MIN <= h.table_size <= TABLE_MAX:
             raise CorruptImage(f"{path}: bad qed table_size {h.table_size}")
-        if h.table_size * h.cluster_size > MAX_L1_BYTES:
-            # The L1 table is held in memory whole; qemu-img cannot make such an image anyway.
-            raise Unsupported(
-                f"{path}: qed tables of {h.table_size} x {h.cluster_size} bytes "
-                f"(imgfs holds an L1 table of at most {MAX_L1_BYTES} bytes)"
-            )
         unknown = h.features & ~KNOWN_FEATURES
         if unknown:
             raise Unsupported(f"{path}: unknown qed feature bits {unknown:#x}")

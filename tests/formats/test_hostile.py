@@ -388,14 +388,3 @@ def test_qcow_l1_table_in_a_sparse_file_is_capped(tmp_path: Path) -> None:
     header = struct.pack(">4sIQIIQBBHIQ", b"QFI\xfb", 1, 0, 0, 0, (l1 // 8) << 21, 12, 9, 0, 0, 48)
     sparse_with_header(image, header, 48 + l1)
     open_fails(image, "qcow", "qcow L1 table of 268435456 bytes", Unsupported)
-
-
-def test_qed_table_of_a_gibibyte_is_refused(tmp_path: Path) -> None:
-    """64 MiB clusters x table_size 16: a 1 GiB L1 table, read whole at open."""
-    import struct
-
-    image = tmp_path / "sparse.qed"
-    cs = 64 * MiB
-    header = struct.pack("<4sIIIQQQQQII", b"QED\0", cs, 16, 1, 0, 0, 0, cs, 1 << 40, 0, 0)
-    sparse_with_header(image, header, cs + 16 * cs)
-    open_fails(image, "qed", "qed tables of 16 x 67108864 bytes", Unsupported)
