@@ -51,8 +51,8 @@ L2_BITS_MAX = 13
 # qemu stores at most this many bytes of backing file name.
 BACKING_NAME_MAX = 1023
 SIZE_MAX = 1 << 62
-# One _map call takes no more steps (a cluster, or an absent L2 table's span) than this;
-# callers loop. A block-status request over a huge disk must not walk millions of entries
+# One _map call takes no more steps (a cluster, or an L2 table's run of zero entries) than
+# this; callers loop. A block-status request over a huge disk must not walk millions of entries
 # under the lock.
 MAP_RUN_STEPS = 65536
 # The L1 table is loaded whole: 128 MiB covers 32 TiB at qemu's default geometry.
@@ -245,24 +245,43 @@ class QcowDriver(BlockDriver):
         run = min(length, cs - offset % cs)
         if first & COMPRESSED:
             return first, run
+        if not first:
+            return 0, self._unallocated_run(cluster + 1, run, length)
         expected = first
         steps = 0
         while run < length and steps < MAP_RUN_STEPS:
             steps += 1
             cluster += 1
-            l1_index, l2_index = divmod(cluster, self.l2_entries)
-            if not first and l2_index == 0 and not self.l1[l1_index]:
-                # A whole L2 table's span is unallocated: one step, not one per cluster, so
-                # mapping a huge empty disk stays cheap.
-                run = min(length, run + self.l2_entries * cs)
-                cluster += self.l2_entries - 1
-                continue
-            if first:
-                expected += cs
+            expected += cs
             if self._entry(cluster) != expected:
                 break
             run = min(length, run + cs)
         return first, run
+
+    def _unallocated_run(self, cluster: int, run: int, length: int) -> int:
+        """``run`` extended over the zero entries from ``cluster`` on, a table slice at a time
+        (so a huge empty disk maps in few steps). Stops before a table that cannot be read:
+        the error is raised when a request reaches it."""
+        cs = self.cluster_size
+        steps = 0
+        while run < length and steps < MAP_RUN_STEPS:
+            steps += 1
+            l1_index, l2_index = divmod(cluster, self.l2_entries)
+            try:
+                _, table = self._l2_table(l1_index)
+            except CorruptImage:
+                break
+            left = self.l2_entries - l2_index
+            if table is None:
+                zeros = left
+            else:
+                raw = table[l2_index:].tobytes()
+                zeros = (len(raw) - len(raw.lstrip(b"\0"))) // 8
+            run = min(length, run + zeros * cs)
+            cluster += zeros
+            if zeros < left:
+                break
+        return run
 
     def _inflate(self, entry: int) -> bytes:
         cached = self._inflated

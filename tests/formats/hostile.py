@@ -614,6 +614,9 @@ def _run_worker(jobs: list[dict]) -> tuple[list[dict], list[str], int | None]:
         except BrokenPipeError:
             pass
 
+    def base_of(seed: int | None) -> str:
+        return next((Path(j["base"]).name for j in jobs if j["seed"] == seed), "?")
+
     threading.Thread(target=pump, daemon=True).start()
     threading.Thread(target=feed, daemon=True).start()
     results: list[dict] = []
@@ -626,14 +629,18 @@ def _run_worker(jobs: list[dict]) -> tuple[list[dict], list[str], int | None]:
         except queue.Empty:
             proc.kill()
             proc.wait()
-            failures.append(f"worker hung on seed {current} for {HANG_TIMEOUT} s")
+            failures.append(
+                f"worker hung on seed {current} ({base_of(current)}) for {HANG_TIMEOUT} s"
+            )
             stuck = current
             break
         if line is None:
             rc = proc.wait()
             if current is not None:
                 err = proc.stderr.read() if proc.stderr else ""
-                failures.append(f"worker died (exit {rc}) on seed {current}: {err[-2000:]}")
+                failures.append(
+                    f"worker died (exit {rc}) on seed {current} ({base_of(current)}): {err[-2000:]}"
+                )
                 stuck = current
             break
         msg = json.loads(line)

@@ -388,3 +388,34 @@ def test_qcow_l1_table_in_a_sparse_file_is_capped(tmp_path: Path) -> None:
     header = struct.pack(">4sIQIIQBBHIQ", b"QFI\xfb", 1, 0, 0, 0, (l1 // 8) << 21, 12, 9, 0, 0, 48)
     sparse_with_header(image, header, 48 + l1)
     open_fails(image, "qcow", "qcow L1 table of 268435456 bytes", Unsupported)
+
+
+def test_qcow_block_status_over_empty_l2_tables_is_quick(tmp_path: Path) -> None:
+    """Present but empty L2 tables (a mutant's L1 pointing into zeros) were walked one entry
+    per step: 65536 entries per call, hundreds of calls for a 64 GiB disk."""
+    import struct
+
+    image = tmp_path / "empty-tables.qcow"
+    size = 64 << 30
+    entries = size >> 21  # cluster_bits 12, l2_bits 9: 2 MiB per L1 entry
+    l2 = 4096 + entries * 8
+    header = struct.pack(">4sIQIIQBBHIQ", b"QFI\xfb", 1, 0, 0, 0, size, 12, 9, 0, 0, 4096)
+    with open(image, "wb") as f:
+        f.write(header)
+        f.seek(4096)
+        f.write(struct.pack(f">{entries}Q", *([l2] * entries)))  # every entry: one zero table
+        f.truncate(l2 + 4096)
+    disk = open_disk(str(image), "qcow", read_only=True)
+    try:
+        start = time.monotonic()
+        offset = 0
+        for _ in range(20):
+            ext = disk.block_status(offset, disk.size - offset)
+            assert ext.allocation.name == "UNALLOCATED"
+            offset += ext.length
+            if offset == disk.size:
+                break
+        assert offset == disk.size, f"20 block-status calls covered {offset} bytes"
+        assert time.monotonic() - start < 5
+    finally:
+        disk.close()
