@@ -419,3 +419,36 @@ def test_qcow_block_status_over_empty_l2_tables_is_quick(tmp_path: Path) -> None
         assert time.monotonic() - start < 5
     finally:
         disk.close()
+
+
+def test_qed_block_status_over_empty_l2_tables_is_quick(tmp_path: Path) -> None:
+    """As qcow: every L1 entry pointing at one zero L2 table made each block-status call walk
+    65536 entries one by one."""
+    import struct
+
+    from tests.formats.test_qed import header
+
+    cs, table = 4096, 16
+    size = 64 << 30
+    span = (table * cs // 8) * cs  # 32 MiB per L1 entry
+    l1, l2 = cs, cs + table * cs
+    image = tmp_path / "empty-tables.qed"
+    with open(image, "wb") as f:
+        f.write(header(cluster_size=cs, table_size=table, l1=l1, image_size=size))
+        f.seek(l1)
+        f.write(struct.pack(f"<{size // span}Q", *([l2] * (size // span))))
+        f.truncate(l2 + table * cs)
+    disk = open_disk(str(image), "qed", read_only=True)
+    try:
+        start = time.monotonic()
+        offset = 0
+        for _ in range(20):
+            ext = disk.block_status(offset, disk.size - offset)
+            assert ext.allocation.name == "UNALLOCATED"
+            offset += ext.length
+            if offset == disk.size:
+                break
+        assert offset == disk.size, f"20 block-status calls covered {offset} bytes"
+        assert time.monotonic() - start < 5
+    finally:
+        disk.close()
