@@ -224,6 +224,12 @@ class BlockTableDriver(BlockDriver):
         # Extend over following blocks in the same state (and contiguous on the host for DATA);
         # capped so one call stays cheap.
         while n < length and block - first < 65536:
+            if block >= len(self.table):
+                # Past a table shorter than the disk everything is unallocated: one extent, so
+                # a walk over a huge disk with a short table takes one call, not millions.
+                if state is Allocation.UNALLOCATED:
+                    n = length
+                break
             nstate, nhost = self._host(block)
             if nstate is not state:
                 break

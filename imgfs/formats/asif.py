@@ -333,6 +333,7 @@ class AsifDriver(BlockDriver):
             plistlib.InvalidFileException,
             xml.parsers.expat.ExpatError,
             ValueError,
+            LookupError,  # an XML declaration naming an unknown encoding
         ) as e:
             return None, f"metadata unreadable: {e}"
 

@@ -797,7 +797,12 @@ def _blkx_from_plist(path: str, text: bytes) -> list[tuple[bytes, str, int | Non
     """The blkx tables (mish bytes, name, id) of the XML plist."""
     try:
         plist = plistlib.loads(text, fmt=plistlib.FMT_XML)
-    except (plistlib.InvalidFileException, xml.parsers.expat.ExpatError, ValueError) as e:
+    except (
+        plistlib.InvalidFileException,
+        xml.parsers.expat.ExpatError,
+        ValueError,
+        LookupError,  # an XML declaration naming an unknown encoding
+    ) as e:
         raise CorruptImage(f"{path}: bad XML plist: {e}") from None
     fork = plist.get("resource-fork") if isinstance(plist, dict) else None
     blkx = fork.get("blkx") if isinstance(fork, dict) else None

@@ -61,7 +61,7 @@ def _text(parent: ET.Element, tag: str, path: str) -> str:
 
 def _int(parent: ET.Element, tag: str, path: str) -> int:
     value = _text(parent, tag, path)
-    if not value.isdigit() or len(value) > 20:
+    if not (value.isascii() and value.isdigit()) or len(value) > 20:
         raise CorruptImage(f"{path}: bad <{tag}> {value!r} in DiskDescriptor.xml")
     return int(value)
 
@@ -73,7 +73,8 @@ def parse_descriptor(data: bytes, path: str) -> Descriptor:
         raise CorruptImage(f"{path}: DiskDescriptor.xml with a DTD or entities is refused")
     try:
         root = ET.fromstring(data)
-    except ET.ParseError as e:
+    except (ET.ParseError, LookupError, ValueError) as e:
+        # LookupError: an XML declaration naming an encoding Python does not know.
         raise CorruptImage(f"{path}: DiskDescriptor.xml is not valid XML ({e})") from None
     if root.tag != ROOT_TAG:
         raise CorruptImage(f"{path}: XML root is <{root.tag}>, not <{ROOT_TAG}>")

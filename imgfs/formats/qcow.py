@@ -51,6 +51,12 @@ L2_BITS_MAX = 13
 # qemu stores at most this many bytes of backing file name.
 BACKING_NAME_MAX = 1023
 SIZE_MAX = 1 << 62
+# One _map call takes no more steps (a cluster, or an L2 table's run of zero entries) than
+# this; callers loop. A block-status request over a huge disk must not walk millions of entries
+# under the lock.
+MAP_RUN_STEPS = 65536
+# The L1 table is loaded whole: 128 MiB covers 32 TiB at qemu's default geometry.
+MAX_L1_BYTES = 128 * 1024 * 1024
 COMPRESSED = 1 << 63
 L2_CACHE_TABLES = 128  # at most 8 MiB with 64 KiB tables
 # Raw deflate with a 4 KiB window, which is what qemu's qcow inflates.
@@ -164,6 +170,12 @@ class QcowDriver(BlockDriver):
                 f"{path}: qcow L1 table at {h.l1_table_offset} ({l1_len} bytes) "
                 f"is outside the file ({file_size} bytes)"
             )
+        if l1_len > MAX_L1_BYTES:
+            # The L1 table is loaded whole; a sparse file could otherwise make it any size.
+            raise Unsupported(
+                f"{path}: qcow L1 table of {l1_len} bytes for a {h.size}-byte disk "
+                f"(imgfs holds at most {MAX_L1_BYTES})"
+            )
         backing_name = None
         if h.backing_file_offset:
             end = h.backing_file_offset + h.backing_file_size
@@ -178,6 +190,8 @@ class QcowDriver(BlockDriver):
                     f"{h.backing_file_size} bytes"
                 )
             name = bytes(file.pread(h.backing_file_offset, h.backing_file_size))
+            if b"\0" in name:
+                raise CorruptImage(f"{path}: qcow backing file name {name!r} holds a NUL byte")
             backing_name = name.decode("utf-8", "surrogateescape")
         return cls(file, options, h, backing_name)
 
@@ -231,15 +245,43 @@ class QcowDriver(BlockDriver):
         run = min(length, cs - offset % cs)
         if first & COMPRESSED:
             return first, run
+        if not first:
+            return 0, self._unallocated_run(cluster + 1, run, length)
         expected = first
-        while run < length:
+        steps = 0
+        while run < length and steps < MAP_RUN_STEPS:
+            steps += 1
             cluster += 1
-            if first:
-                expected += cs
+            expected += cs
             if self._entry(cluster) != expected:
                 break
             run = min(length, run + cs)
         return first, run
+
+    def _unallocated_run(self, cluster: int, run: int, length: int) -> int:
+        """``run`` extended over the zero entries from ``cluster`` on, a table slice at a time
+        (so a huge empty disk maps in few steps). Stops before a table that cannot be read:
+        the error is raised when a request reaches it."""
+        cs = self.cluster_size
+        steps = 0
+        while run < length and steps < MAP_RUN_STEPS:
+            steps += 1
+            l1_index, l2_index = divmod(cluster, self.l2_entries)
+            try:
+                _, table = self._l2_table(l1_index)
+            except CorruptImage:
+                break
+            left = self.l2_entries - l2_index
+            if table is None:
+                zeros = left
+            else:
+                raw = table[l2_index:].tobytes()
+                zeros = (len(raw) - len(raw.lstrip(b"\0"))) // 8
+            run = min(length, run + zeros * cs)
+            cluster += zeros
+            if zeros < left:
+                break
+        return run
 
     def _inflate(self, entry: int) -> bytes:
         cached = self._inflated

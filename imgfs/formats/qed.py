@@ -57,6 +57,10 @@ DEFAULT_TABLE = 4
 BACKING_NAME_MAX = 4096
 # Virtual sizes beyond this are refused (offsets must fit in a signed 64-bit file offset).
 SIZE_MAX = 1 << 62
+# One _map call takes no more steps (a cluster, or a table page's run of zero entries) than
+# this; callers loop. A block-status request over a huge disk must not walk millions of entries
+# under the lock.
+MAP_RUN_STEPS = 65536
 
 ZERO_CLUSTER = 1
 # check() reports the first problems found, not all of a hostile image's millions.
@@ -232,6 +236,8 @@ class QedDriver(BlockDriver):
                     f"{h.backing_filename_size} bytes"
                 )
             name = bytes(file.pread(h.backing_filename_offset, h.backing_filename_size))
+            if b"\0" in name:
+                raise CorruptImage(f"{path}: qed backing file name {name!r} holds a NUL byte")
             backing_name = name.decode("utf-8", "surrogateescape")
         if h.autoclear_features and not options.read_only and file.writable:
             h.autoclear_features = 0
@@ -331,8 +337,12 @@ class QedDriver(BlockDriver):
         cluster = offset // cs
         first = self._entry(cluster)
         run = min(length, cs - offset % cs)
+        if not first:
+            return 0, self._unallocated_run(cluster + 1, run, length)
         expected = first
-        while run < length:
+        steps = 0
+        while run < length and steps < MAP_RUN_STEPS:
+            steps += 1
             cluster += 1
             if first > ZERO_CLUSTER:
                 expected += cs
@@ -341,6 +351,32 @@ class QedDriver(BlockDriver):
                 break
             run = min(length, run + cs)
         return first, run
+
+    def _unallocated_run(self, cluster: int, run: int, length: int) -> int:
+        """``run`` extended over the zero entries from ``cluster`` on, a table page (or an
+        absent table) at a time, so a huge empty disk maps in few steps. Stops before a table
+        that cannot be read: the error is raised when a request reaches it."""
+        cs = self.cluster_size
+        steps = 0
+        while run < length and steps < MAP_RUN_STEPS:
+            steps += 1
+            l1_index, l2_index = divmod(cluster, self.table_entries)
+            try:
+                l2_offset = self._l2_offset(l1_index)
+                if not l2_offset:
+                    left = zeros = self.table_entries - l2_index
+                else:
+                    page_no, i = divmod(l2_index, self.page_entries)
+                    raw = self._l2_page(l2_offset, page_no)[i:].tobytes()
+                    left = self.page_entries - i
+                    zeros = (len(raw) - len(raw.lstrip(b"\0"))) // 8
+            except CorruptImage:
+                break
+            run = min(length, run + zeros * cs)
+            cluster += zeros
+            if zeros < left:
+                break
+        return run
 
     # -- data ----------------------------------------------------------------------------------
 
