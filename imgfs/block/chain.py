@@ -98,6 +98,10 @@ def open_chain(
                 return top  # type: ignore[return-value]
             if depth == MAX_CHAIN_DEPTH:
                 raise CorruptImage(f"{path}: backing chain deeper than {MAX_CHAIN_DEPTH}")
+            if "\0" in spec.filename:  # the OS would refuse it with a bare ValueError
+                raise CorruptImage(
+                    f"{current_path}: backing file name {spec.filename!r} holds a NUL"
+                )
             next_path = resolve_relative(spec.filename, current_path)
             containment.check(next_path, "backing file", current_path)
             if not os.path.exists(next_path):
