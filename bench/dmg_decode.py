@@ -52,7 +52,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    variants = {"read-ahead 0": {"read-ahead": "0"}, "read-ahead 2": {"read-ahead": "2"}}
+    variants = {"read-ahead 0": {"read-ahead": "0"}, "read-ahead 2M": {"read-ahead": "2M"}}
     results: dict[tuple[str, str], list[float]] = {}
     for r in range(args.rounds):
         names = list(variants) if r % 2 == 0 else list(variants)[::-1]
