@@ -232,13 +232,35 @@ class QcowDriver(BlockDriver):
         if first & COMPRESSED:
             return first, run
         expected = first
+        per_table = self.l2_entries
         while run < length:
+            # The rest of the run, one L2 table at a time: a 1 MiB read spans 256 clusters of
+            # the default 4 KiB, and a cache lookup per cluster was half the read's CPU.
             cluster += 1
-            if first:
-                expected += cs
-            if self._entry(cluster) != expected:
-                break
-            run = min(length, run + cs)
+            l1_index, l2_index = divmod(cluster, per_table)
+            count = min(per_table - l2_index, -(-(length - run) // cs))
+            _, table = self._l2_table(l1_index)
+            if table is None:
+                if first:
+                    break
+                run = min(length, run + count * cs)
+                cluster += count - 1
+                continue
+            for i in range(l2_index, l2_index + count):
+                if first:
+                    expected += cs
+                    if table[i] != expected:
+                        return first, run
+                    if expected >= self._file_end:
+                        raise CorruptImage(
+                            f"{self.file.path}: qcow L2 entry for guest offset "
+                            f"{(cluster + i - l2_index) * cs} points outside the file "
+                            f"({expected:#x})"
+                        )
+                elif table[i]:
+                    return first, run
+                run = min(length, run + cs)
+            cluster += count - 1
         return first, run
 
     def _inflate(self, entry: int) -> bytes:
