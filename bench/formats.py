@@ -135,6 +135,12 @@ def describe_image(image: Path, fmt: str, size: int, want_full: bool) -> str:
     )
     # qemu-img create writes raw's first 4 KiB (its alignment probe); raw has nothing to allocate.
     allowed = (size,) if want_full else ((0, 4096) if fmt == "raw" else (0,))
+    on_disk = image.stat().st_blocks * 512
+    if all("offset" not in e for e in extents if e["data"]) and data:
+        # QEMU has no block status for this format (vhdx): everything reads as "data". Judge
+        # by the bytes the file holds instead.
+        if (on_disk >= size) if want_full else (on_disk < size // 16):
+            data = allowed[0]
     if data not in allowed:
         raise RuntimeError(f"{image.name}: {data} of {size} bytes hold data (qemu-img map)")
     specific = [
