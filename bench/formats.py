@@ -116,6 +116,46 @@ def make_image(
     return full, empty
 
 
+def describe_image(image: Path, fmt: str, size: int, want_full: bool) -> str:
+    """Check that IMAGE is what the target needs and say so: the format imgfs probes must be FMT
+    (qsd gets driver=FMT), and [0, SIZE) must be all data (reads) or all unallocated (writes)."""
+    info = run([*IMGFS, "info", str(image)], env=IMGFS_ENV).stdout
+    probed = next(
+        line.split(":", 1)[1].strip()
+        for line in info.splitlines()
+        if line.startswith("file format:")
+    )
+    if probed != fmt:
+        raise RuntimeError(f"{image.name}: imgfs probes {probed!r}, expected {fmt!r}")
+    extents = json.loads(run(["qemu-img", "map", "-f", fmt, "--output=json", str(image)]).stdout)
+    data = sum(
+        max(0, min(e["start"] + e["length"], size) - e["start"])
+        for e in extents
+        if e["data"] and e["start"] < size
+    )
+    # qemu-img create writes raw's first 4 KiB (its alignment probe); raw has nothing to allocate.
+    allowed = (size,) if want_full else ((0, 4096) if fmt == "raw" else (0,))
+    on_disk = image.stat().st_blocks * 512
+    if all("offset" not in e for e in extents if e["data"]) and data:
+        # QEMU has no block status for this format (vhdx): everything reads as "data". Judge
+        # by the bytes the file holds instead.
+        if (on_disk >= size) if want_full else (on_disk < size // 16):
+            data = allowed[0]
+    if data not in allowed:
+        raise RuntimeError(f"{image.name}: {data} of {size} bytes hold data (qemu-img map)")
+    specific = [
+        line.strip()
+        for line in info.split("Format specific information:", 1)[-1].splitlines()
+        if "cache" in line
+    ]
+    return (
+        f"{image.name}: imgfs probes {probed}, qsd driver={fmt}, "
+        f"{data} of [0, {size}) allocated (qemu-img map), "
+        f"{image.stat().st_blocks * 512 >> 20} MiB on disk"
+        + (f", {', '.join(specific)}" if specific else "")
+    )
+
+
 class Peer:
     def __init__(self, peer: str, image: Path, fmt: str, mdir: Path, writable: bool) -> None:
         # "imgfs:OPTS" is imgfs mounted with -o OPTS (e.g. imgfs:read-ahead=0), for A/B runs.
@@ -304,12 +344,20 @@ def main() -> int:
     # Others may share the machine: the load is part of the record (the peers run side by side,
     # so their ratios stay comparable).
     load_before = os.getloadavg()
+    notes: list[str] = []
     try:
         print(f"making sources ({args.size}) in {work}", file=sys.stderr)
         sources = make_sources(work, size)
         for name in formats:
             fmt, _, writable = FORMATS[name]
             full, empty = make_image(name, work, sources, size)
+            load = os.getloadavg()
+            notes.append(
+                f"{name} (load {load[0]:.1f} at start): " + describe_image(full, fmt, size, True)
+            )
+            if empty is not None:
+                notes.append(f"{name}: " + describe_image(empty, fmt, size, False))
+            print(notes[-1], file=sys.stderr)
             for rep in range(args.reps):
                 order = peers if rep % 2 == 0 else peers[::-1]
                 for peer in order:
@@ -324,18 +372,22 @@ def main() -> int:
                             print(f"{rep} {peer:6} {name:11} {w:13} {v:10.1f}", file=sys.stderr)
                     if empty is None:
                         continue
-                    copy = work / f"w{rep}-{peer}-{empty.name}"
-                    shutil.copyfile(empty, copy)
-                    p = Peer(peer, copy, fmt, work / f"m{rep}-{len(rows)}-{name}-w", writable=True)
-                    with p as f:
-                        for w in WRITES:
+                    # Each write workload starts from its own copy of the empty image, so both
+                    # peers allocate from the same state (a faster sequential writer would
+                    # otherwise leave more allocated for its random writes).
+                    for w in WRITES:
+                        copy = work / f"w{rep}-{peer}-{empty.name}"
+                        shutil.copyfile(empty, copy)
+                        mdir = work / f"m{rep}-{len(rows)}-{name}-w"
+                        p = Peer(peer, copy, fmt, mdir, writable=True)
+                        with p as f:
                             cpu0 = cpu_seconds(p.proc.pid)  # type: ignore[union-attr]
                             v, units = fio(f, w, args.runtime, size)
                             cpu = cpu_seconds(p.proc.pid) - cpu0  # type: ignore[union-attr]
                             rows.append((rep, peer, name, w, v))
                             cpu_rows.append((rep, peer, name, w, cpu * 1e3 / max(units, 1e-9)))
                             print(f"{rep} {peer:6} {name:11} {w:13} {v:10.1f}", file=sys.stderr)
-                    copy.unlink()
+                        copy.unlink()
             full.unlink()
             if empty is not None:
                 empty.unlink()
@@ -363,6 +415,10 @@ def main() -> int:
         *table(
             cpu_rows, formats, peers, workloads, lambda w: "ms/IO" if "16k" in w else "ms/MB", 2
         ),
+        "",
+        "Images:",
+        "",
+        *(f"- {n}" for n in notes),
     ]
     md = results_dir / f"formats-{stamp}.md"
     md.write_text("\n".join(lines) + "\n")

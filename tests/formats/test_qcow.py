@@ -358,3 +358,50 @@ def test_matrix_qemu_io_then_driver_writes(tmp_path: Path, seed: int) -> None:
     expected = bytearray(src.read_bytes())
     random_writes(packed, expected, rng, 80)
     assert_qemu_compare_identical(packed, write_file(tmp_path / "p.expected", expected), "qcow")
+
+
+def test_reads_spanning_many_l2_tables_match_qemu(tmp_path: Path) -> None:
+    # 512-byte clusters and 64-entry L2 tables (32 KiB each): runs of contiguous, unallocated
+    # and backing-less clusters cross table boundaries and missing tables within one read.
+    image = tmp_path / "span.qcow"
+    size = 2 * MiB
+    with open(image, "wb") as f:
+        f.write(header(size=size, cluster_bits=9, l2_bits=6))
+        f.truncate(48 + 512)
+    qemu_io(
+        image, "write -P 1 0 100k", "write -P 2 300k 1k", "write -P 3 1M 40k",
+        "write -P 4 60k 10k", "write -P 5 1500k 200k", fmt="qcow",
+    )  # fmt: skip
+    expected = qemu_raw(image, tmp_path / "expected.raw").read_bytes()
+    rng = random.Random(7)
+    disk = open_disk(str(image), "qcow", read_only=True)
+    try:
+        for _ in range(300):
+            offset = rng.randrange(size)
+            length = rng.choice([1, 511, 4096, 33 * KiB, 200 * KiB, size])
+            assert bytes(disk.read(offset, length)) == expected[offset : offset + length], (
+                offset,
+                length,
+            )
+    finally:
+        disk.close()
+
+
+def test_contiguous_run_past_the_file_end_is_corrupt(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow"
+    qemu_img("create", "-q", "-f", "qcow", str(image), "4M")
+    qemu_io(image, "write -P 5 0 8k", fmt="qcow")
+    raw = image.read_bytes()
+    l1 = struct.unpack_from(">Q", raw, 40)[0]
+    l2 = struct.unpack_from(">Q", raw, l1)[0]
+    second = struct.unpack_from(">Q", raw, l2 + 8)[0]
+    assert second + 4096 == len(raw), "the second cluster is not the last in the file"
+    # The third entry continues the run of the first two, one cluster past the file's end.
+    bad = corrupt_copy(tmp_path, image, "past.qcow", [(l2 + 16, struct.pack(">Q", len(raw)))])
+    disk = open_disk(str(bad), "qcow", read_only=True)
+    try:
+        assert bytes(disk.read(0, 8192)) == b"\x05" * 8192
+        with pytest.raises(CorruptImage, match="outside the file"):
+            disk.read(0, 16384)
+    finally:
+        disk.close()

@@ -559,3 +559,35 @@ def test_matrix_qemu_io_then_driver_writes(
     status, data = qemu_check(image)
     assert status == 0, data
     assert_qemu_compare_identical(image, tmp_path / "expected.raw")
+
+
+@pytest.mark.parametrize("backing", [False, True])
+def test_whole_cluster_writes_across_tables_pass_check_and_compare(
+    tmp_path: Path, backing: bool
+) -> None:
+    # Cluster-aligned writes of whole clusters take the no-staging-copy path. With 4 KiB
+    # clusters an L2 table (4 clusters) maps 8 MiB: the runs below cross table boundaries.
+    image = tmp_path / "whole.qed"
+    size = 20 * MiB
+    opts = "cluster_size=4096"
+    expected = bytearray(size)
+    if backing:
+        base = tmp_path / "base.raw"
+        pattern_image(base, size, seed=11)
+        expected[:] = base.read_bytes()
+        qemu_img("create", "-q", "-f", "qed", "-o", opts, "-b", base.name, "-F", "raw",
+                 str(image), str(size))  # fmt: skip
+    else:
+        qemu_img("create", "-q", "-f", "qed", "-o", opts, str(image), str(size))
+    disk = open_disk(str(image), "qed")
+    try:
+        for offset, length in [(0, MiB), (8 * MiB - 512 * KiB, MiB), (15 * MiB, 3 * MiB),
+                               (9 * MiB + 4096, 8192), (10 * MiB + 100, 4096)]:  # fmt: skip
+            data = os.urandom(length)
+            disk.write(offset, data)
+            expected[offset : offset + length] = data
+        disk.flush()
+    finally:
+        disk.close()
+    assert_qemu_check_clean(image, "qed")
+    assert_qemu_compare_identical(image, write_file(tmp_path / "expected.raw", expected), "qed")
