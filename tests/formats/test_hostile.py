@@ -24,7 +24,7 @@ from tests.formats import hostile
 from tests.formats.hostile import Base, make_bases, make_mutant, run_mutants, scratch_dir
 
 FORMATS = ["raw", "qed", "qcow", "vdi", "parallels", "parallels-hdd", "cow", "bochs", "cloop",
-           "dmg", "asif"]  # fmt: skip
+           "dmg", "asif", "qcow2", "vmdk", "vpc", "vhdx"]  # fmt: skip
 DEFAULT_MUTANTS = 50
 SLOW_MUTANTS = 2000
 MiB = 1024 * 1024
@@ -452,3 +452,126 @@ def test_qed_block_status_over_empty_l2_tables_is_quick(tmp_path: Path) -> None:
         assert time.monotonic() - start < 5
     finally:
         disk.close()
+
+
+# -- writes through a FUSE mount to hostile-but-openable images --------------------------------
+
+WRITE_BASES = ["qcow2-512-rc1", "vmdk-sparse", "vpc-small-blocks", "vhdx-dynamic"]
+FUSE_WRITES = [(0, 4096), (65536 + 3, 70000), (2 * MiB + 100, 511)]
+
+
+def driver_write_outcome(image: Path) -> str | None:
+    """None when a writable open (probing, as the mount does) fails; else 'fails' when a write
+    or the flush raises an ImgfsError, 'ok' when all of them work. Writes to ``image``."""
+    try:
+        disk = open_disk(str(image), None, containment=Containment(str(image.parent)))
+    except ImgfsError:
+        return None
+    outcome = "ok"
+    try:
+        for off, n in FUSE_WRITES:
+            if off + n <= disk.size:
+                try:
+                    disk.write(off, b"\xa5" * n)
+                except ImgfsError:
+                    outcome = "fails"
+        try:
+            disk.flush()
+        except ImgfsError:
+            outcome = "fails"
+    finally:
+        try:
+            disk.close()
+        except ImgfsError:
+            outcome = "fails"
+    return outcome
+
+
+def pick_write_mutants(bases, work: Path) -> list[tuple[Path, str, str]]:
+    """Two mutants whose writes fail in the driver and two whose writes work, from the first
+    seeds that give them: (path of the unwritten mutant, export name, kind)."""
+    by_name = {b.directory.name: b for g in bases.values() for b in g}
+    chosen: list[tuple[Path, str, str]] = []
+    want = {"fails": 2, "ok": 2}
+    for seed in range(2000):
+        if not any(want.values()):
+            break
+        base = by_name[WRITE_BASES[seed % len(WRITE_BASES)]]
+        dest = work / f"w{seed}"
+        make_mutant(base, seed, dest)
+        trial = work / f"t{seed}" / base.image
+        trial.parent.mkdir()
+        shutil.copyfile(dest / base.image, trial)
+        kind = driver_write_outcome(trial)
+        if kind is not None and want[kind]:
+            want[kind] -= 1
+            chosen.append((dest / base.image, f"hostile-w{seed}.{base.fmt}", kind))
+    assert not any(want.values()), f"no mutants of kinds {want}"
+    return chosen
+
+
+def test_fuse_writes_to_hostile_images(bases, images: Path, mount, tmp_path: Path) -> None:
+    """Writes to hostile images that open give EIO or work (and then read back); the mount
+    stays up and the valid images beside them take writes that qemu-img check finds clean."""
+    from tests.oracle import assert_qemu_check_clean
+
+    by_name = {b.directory.name: b for g in bases.values() for b in g}
+    valid: dict[str, str] = {}
+    for key in WRITE_BASES:
+        base = by_name[key]
+        name = f"{key}{Path(base.image).suffix}"
+        shutil.copyfile(base.directory / base.image, images / name)
+        valid[name] = base.fmt
+    mutants = pick_write_mutants(bases, tmp_path / "mutants")
+    for path, name, _kind in mutants:
+        shutil.copyfile(path, images / name)
+
+    m = mount(images)
+    m.expected_log_errors += [name for _p, name, _k in mutants]
+    eio = 0
+    for _path, name, kind in mutants:
+        try:
+            fd = os.open(m.file(name), os.O_RDWR)
+        except OSError as e:
+            assert e.errno in (errno.EIO, errno.EACCES, errno.EROFS), (name, kind, e)
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            for off, n in FUSE_WRITES:
+                if off + n > size:
+                    continue
+                data = bytes([off % 251 + 1]) * n
+                try:
+                    assert os.pwrite(fd, data, off) == n, (name, off)
+                except OSError as e:
+                    assert e.errno == errno.EIO, (name, kind, off, e)
+                    eio += 1
+                    continue
+                try:
+                    assert os.pread(fd, n, off) == data, (name, kind, off)
+                except OSError as e:
+                    assert e.errno == errno.EIO, (name, kind, off, e)
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                assert e.errno == errno.EIO, (name, kind, e)
+                eio += 1
+        finally:
+            try:
+                os.close(fd)
+            except OSError as e:
+                assert e.errno == errno.EIO, (name, kind, e)
+    assert eio, "no write through the mount failed"
+    # The mount is up and the valid images take writes.
+    assert {f"{n}.raw" for n in valid} <= set(os.listdir(m.path))
+    for name in valid:
+        fd = os.open(m.file(name), os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\x3c" * 70000, MiB + 5)
+            os.fsync(fd)
+            assert os.pread(fd, 70000, MiB + 5) == b"\x3c" * 70000, name
+        finally:
+            os.close(fd)
+    m.umount()
+    for name, fmt in valid.items():
+        assert_qemu_check_clean(images / name, fmt)
