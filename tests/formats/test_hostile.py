@@ -575,3 +575,23 @@ def test_fuse_writes_to_hostile_images(bases, images: Path, mount, tmp_path: Pat
     m.umount()
     for name, fmt in valid.items():
         assert_qemu_check_clean(images / name, fmt)
+
+
+# -- regressions in qcow2, vmdk, vpc and vhdx ------------------------------------------------
+
+
+def copy_base(bases, name: str, dest: Path) -> Base:
+    base = next(b for g in bases.values() for b in g if b.directory.name == name)
+    shutil.copytree(base.directory, dest)
+    return Base(dest, base.fmt, base.image, base.regions)
+
+
+def test_vmdk_flat_extent_offset_past_any_file_is_corrupt(bases, tmp_path: Path) -> None:
+    """A flat extent's sector offset of 2**64 reached os.pread, which raised OverflowError."""
+    base = copy_base(bases, "vmdk-flat", tmp_path / "flat")
+    patch(
+        base.directory / "disk.vmdk",
+        b'"disk-flat.vmdk" 0',
+        b'"disk-flat.vmdk" 18446744073709551616',
+    )
+    open_fails(base.directory / "disk.vmdk", "vmdk", "starts at sector 18446744073709551616, past")

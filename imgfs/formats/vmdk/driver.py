@@ -193,6 +193,12 @@ class VmdkDriver(BlockDriver):
             return ZeroExtent(None, length, False)
         if line.access == "NOACCESS":
             raise Unsupported(f"{path}: extent {line.filename!r} is NOACCESS")
+        # The lengths' sum is capped later; a flat extent's offset is not part of it and reaches
+        # pread.
+        if line.offset * SECTOR > MAX_VIRTUAL_SIZE:
+            raise CorruptImage(
+                f"{path}: extent {line.filename!r} starts at sector {line.offset}, past any file"
+            )
         want_write = not self.read_only and line.access == "RW"
         assert line.filename is not None
         file = self._extent_file(line.filename, want_write)
