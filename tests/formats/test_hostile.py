@@ -595,3 +595,27 @@ def test_vmdk_flat_extent_offset_past_any_file_is_corrupt(bases, tmp_path: Path)
         b'"disk-flat.vmdk" 18446744073709551616',
     )
     open_fails(base.directory / "disk.vmdk", "vmdk", "starts at sector 18446744073709551616, past")
+
+
+def test_vmdk_stream_grain_past_the_end_makes_it_read_only(bases, tmp_path: Path) -> None:
+    """A GT entry far past the end of a streamOptimized file: new grains were appended after
+    it, at a sector number a GT entry cannot hold (OverflowError)."""
+    import struct
+
+    from imgfs.errors import ReadOnly
+
+    base = copy_base(bases, "vmdk-stream", tmp_path / "stream")
+    image = base.directory / base.image
+    data = bytearray(image.read_bytes())
+    (gd_sector,) = struct.unpack_from("<Q", data, 56)
+    (gt_sector,) = struct.unpack_from("<I", data, gd_sector * 512)
+    struct.pack_into("<I", data, gt_sector * 512 + 4, 0xFFFFFF00)  # grain 1
+    image.write_bytes(data)
+    disk = open_disk(str(image), "vmdk", containment=Containment(str(base.directory)))
+    try:
+        assert disk.read(0, 65536) == hostile.compressible(65536)
+        with pytest.raises(ReadOnly):
+            disk.write(3 * MiB, b"x" * 512)
+    finally:
+        disk.close()
+    assert image.stat().st_size == len(data)

@@ -274,7 +274,17 @@ class SparseExtent(VmdkExtent):
             else:
                 # New compressed grains are appended after everything the tables reference,
                 # each run followed by an end-of-stream marker.
-                self.file_end = max(self._metadata_end(), overhead * SECTOR)
+                end = max(self._metadata_end(), overhead * SECTOR)
+                if end > self.file_end:
+                    # Appending there would leave a hole of any size and sector numbers past
+                    # what a GT entry holds.
+                    self.writable = False
+                    self.read_only_reason = (
+                        f"its tables reference byte {end}, past the end of the file "
+                        f"({self.file_end} bytes)"
+                    )
+                else:
+                    self.file_end = end
 
     def _metadata_end(self) -> int:
         """The end of the last byte any table references: GDs, GTs and grains (with their
