@@ -631,6 +631,7 @@ def exercise(
         finally:
             step(disk.close)
     if writable:
+        before = file_sizes(root)
         rng = random.Random(seed ^ 0x5EED)
         disk = step(lambda: open_disk(path, fmt, read_only=False, containment=containment))
         if disk is not None:
@@ -653,7 +654,33 @@ def exercise(
                 step(disk.flush)
             finally:
                 step(disk.close)
+        for name, (size, allocated) in file_sizes(root).items():
+            old_size, old_allocated = before.get(name, (0, 0))
+            grew = size - old_size > MAX_GROWTH and fmt in APPARENT_GROWTH_CHECKED
+            if grew or allocated - old_allocated > MAX_ALLOCATED_GROWTH:
+                raise Bug(f"{name} grew from {old_size} to {size} bytes ({old_allocated} to "
+                          f"{allocated} allocated) after a few small writes")  # fmt: skip
     return errors
+
+
+# A few writes of at most 70000 bytes, a zeroing and a discard may allocate a block or two of
+# the biggest block size any format has (vhdx: 256 MiB) and its tables, but not more.
+MAX_GROWTH = 1024 * MiB
+MAX_ALLOCATED_GROWTH = 64 * MiB
+# Formats whose files may not grow past MAX_GROWTH even sparsely. parallels is not among them:
+# it appends new clusters after the highest BAT entry, which a mutant sets terabytes past the
+# end of the file (a sparse file of that apparent size; nothing allocated).
+APPARENT_GROWTH_CHECKED = {"qcow2", "vmdk", "vpc", "vhdx"}
+
+
+def file_sizes(root: str) -> dict[str, tuple[int, int]]:
+    """Apparent and allocated size of every file under ``root``."""
+    out: dict[str, tuple[int, int]] = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.stat(os.path.join(dirpath, name))
+            out[os.path.join(dirpath, name)] = (st.st_size, st.st_blocks * 512)
+    return out
 
 
 def read_side(disk, step) -> None:
