@@ -619,3 +619,62 @@ def test_vmdk_stream_grain_past_the_end_makes_it_read_only(bases, tmp_path: Path
     finally:
         disk.close()
     assert image.stat().st_size == len(data)
+
+
+def run_limited(code: str) -> str:
+    """Run ``code`` in a Python with the worker's address-space limit; its stdout."""
+    import subprocess
+    import sys
+
+    prelude = (
+        "import resource\n"
+        f"resource.setrlimit(resource.RLIMIT_AS, ({hostile.ADDRESS_SPACE_LIMIT},) * 2)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def set_grain_sectors(image: Path, sectors: int) -> None:
+    import struct
+
+    data = bytearray(image.read_bytes())
+    struct.pack_into("<Q", data, 20, sectors)  # grainSize in the KDMV header
+    image.write_bytes(data)
+
+
+def test_vmdk_compressed_grain_of_a_gibibyte_is_refused(bases, tmp_path: Path) -> None:
+    """A 1 GiB compressed grain (a 1 MiB zlib bomb) was inflated into memory whole."""
+    base = copy_base(bases, "vmdk-stream", tmp_path / "stream")
+    set_grain_sectors(base.directory / base.image, 1 << 21)
+    open_fails(base.directory / base.image, "vmdk", "compressed grains of 2097152 sectors",
+               Unsupported)  # fmt: skip
+
+
+def test_vmdk_write_into_a_gibibyte_grain_builds_it_in_pieces(tmp_path: Path) -> None:
+    """Writing 512 bytes into an unallocated 1 GiB grain (qemu's largest) built the whole
+    grain in one buffer: a MemoryError under the worker's limit. Now the grain is written in
+    pieces, zero pieces left as holes, and the result reads right and checks clean."""
+    import subprocess
+
+    from tests.oracle import assert_qemu_check_clean, qemu_raw
+
+    parent, child = tmp_path / "parent.vmdk", tmp_path / "child.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(parent), "4M"], check=True)
+    subprocess.run(["qemu-io", "-f", "vmdk", "-c", "write -P 7 0 4M", str(parent)], check=True,
+                   capture_output=True)  # fmt: skip
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-b", "parent.vmdk", "-F", "vmdk",
+                    str(child)], check=True, cwd=tmp_path)  # fmt: skip
+    set_grain_sectors(child, 1 << 21)
+    out = run_limited(
+        "from imgfs.block.disk import open_disk\n"
+        f"d = open_disk({str(child)!r}, 'vmdk')\n"
+        "d.write(3 << 20, b'x' * 512); d.flush(); d.close(); print('wrote')\n"
+    )
+    assert out.strip() == "wrote"
+    assert child.stat().st_blocks * 512 < 16 * MiB
+    assert_qemu_check_clean(child, "vmdk")
+    expected = bytearray(b"\x07" * 4 * MiB)
+    expected[3 * MiB : 3 * MiB + 512] = b"x" * 512
+    assert qemu_raw(child, tmp_path / "child.raw").read_bytes() == expected
