@@ -678,3 +678,44 @@ def test_vmdk_write_into_a_gibibyte_grain_builds_it_in_pieces(tmp_path: Path) ->
     expected = bytearray(b"\x07" * 4 * MiB)
     expected[3 * MiB : 3 * MiB + 512] = b"x" * 512
     assert qemu_raw(child, tmp_path / "child.raw").read_bytes() == expected
+
+
+def test_vhdx_bat_of_a_huge_disk_in_a_sparse_file_is_capped(tmp_path: Path) -> None:
+    """A 64 TiB disk in 1 MiB blocks has a 512 MiB BAT; a sparse file holds its region for
+    nothing, and the BAT was read into memory (four copies): MemoryError under 1 GiB."""
+    import struct
+
+    from imgfs.formats import vhdx
+    from imgfs.formats.vhdx import VhdxDriver
+
+    image = tmp_path / "huge.vhdx"
+    VhdxDriver.create(str(image), 4 * MiB, {"block_size": "1M"})
+    data = bytearray(image.read_bytes())
+    table = vhdx.REGION_TABLE_OFFSETS[0]
+    (count,) = struct.unpack_from("<I", data, table + 8)
+    regions = {}
+    for i in range(count):
+        at = table + 16 + 32 * i
+        regions[bytes(data[at : at + 16])] = at
+    meta_offset, _ = struct.unpack_from("<QI", data, regions[vhdx.METADATA_GUID] + 16)
+    (items,) = struct.unpack_from("<H", data, meta_offset + 10)
+    for i in range(items):
+        at = meta_offset + 32 + 32 * i
+        if bytes(data[at : at + 16]) == vhdx.VIRTUAL_DISK_SIZE:
+            (item,) = struct.unpack_from("<I", data, at + 16)
+            struct.pack_into("<Q", data, meta_offset + item, 64 << 40)
+    bat_at = -(-len(data) // MiB) * MiB
+    struct.pack_into("<QI", data, regions[vhdx.BAT_GUID] + 16, bat_at, 520 * MiB)
+    struct.pack_into("<I", data, table + 4, 0)
+    crc = vhdx.crc32c(data[table : table + vhdx.REGION_TABLE_SIZE])
+    struct.pack_into("<I", data, table + 4, crc)
+    copy = vhdx.REGION_TABLE_OFFSETS[1]
+    data[copy : copy + vhdx.REGION_TABLE_SIZE] = data[table : table + vhdx.REGION_TABLE_SIZE]
+    sparse_with_header(image, bytes(data), bat_at + 520 * MiB)
+    open_fails(image, "vhdx", r"a BAT of \d+ entries \(\d+ bytes\) is over", Unsupported)
+    # create does not make what open would refuse.
+    from imgfs.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="use bigger blocks"):
+        VhdxDriver.create(str(tmp_path / "no.vhdx"), 64 << 40, {"block_size": "1M"})
+    assert not (tmp_path / "no.vhdx").exists()
