@@ -719,3 +719,34 @@ def test_vhdx_bat_of_a_huge_disk_in_a_sparse_file_is_capped(tmp_path: Path) -> N
     with pytest.raises(InvalidRequest, match="use bigger blocks"):
         VhdxDriver.create(str(tmp_path / "no.vhdx"), 64 << 40, {"block_size": "1M"})
     assert not (tmp_path / "no.vhdx").exists()
+
+
+def test_vpc_bat_of_a_huge_disk_in_a_sparse_file_is_capped(tmp_path: Path) -> None:
+    """Max Table Entries of 2**28 (a 1 TiB disk in 512-byte blocks) with the table in a sparse
+    file: the 1 GiB table was read into memory and unpacked into a list (MemoryError)."""
+    import struct
+
+    from imgfs.errors import InvalidRequest
+    from imgfs.formats.vpc import VpcDriver
+
+    small = tmp_path / "small.vhd"
+    VpcDriver.create(str(small), 4 * MiB, {"block_size": "512"})
+    data = bytearray(small.read_bytes())
+    footer = bytearray(data[-512:])
+    del data[-512:]
+    for buf in (data, footer):  # the copy at 0 and the footer: 1 TiB, CHS at its maximum
+        struct.pack_into(">QQHBB", buf, 40, 1 << 40, 1 << 40, 65535, 16, 255)
+        struct.pack_into(">I", buf, 64, 0)
+        struct.pack_into(">I", buf, 64, ~sum(buf[:512]) & 0xFFFFFFFF)
+    entries = 1 << 28
+    struct.pack_into(">I", data, 512 + 28, entries)  # dynamic header: Max Table Entries
+    (table,) = struct.unpack_from(">Q", data, 512 + 16)
+    image = tmp_path / "huge.vhd"
+    sparse_with_header(image, bytes(data), table + entries * 4)
+    with open(image, "ab") as f:
+        f.write(footer)
+    open_fails(image, "vpc", "Max Table Entries 268435456 is over imgfs's limit", Unsupported)
+    # create does not make what open would refuse.
+    with pytest.raises(InvalidRequest, match="use bigger blocks"):
+        VpcDriver.create(str(tmp_path / "no.vhd"), 1 << 40, {"block_size": "512"})
+    assert not (tmp_path / "no.vhd").exists()
