@@ -750,3 +750,50 @@ def test_vpc_bat_of_a_huge_disk_in_a_sparse_file_is_capped(tmp_path: Path) -> No
     with pytest.raises(InvalidRequest, match="use bigger blocks"):
         VpcDriver.create(str(tmp_path / "no.vhd"), 1 << 40, {"block_size": "512"})
     assert not (tmp_path / "no.vhd").exists()
+
+
+def qcow2_with_one_cluster(path: Path) -> bytearray:
+    import subprocess
+
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096",
+                    str(path), "4M"], check=True)  # fmt: skip
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 4096", str(path)], check=True,
+                   capture_output=True)  # fmt: skip
+    return bytearray(path.read_bytes())
+
+
+@pytest.mark.parametrize("table", ["L2", "refcount"])
+def test_qcow2_pointer_past_the_end_is_not_written_through(table: str, tmp_path: Path) -> None:
+    """An L2 entry (written in place) or a refcount table entry (written at flush) pointing
+    1 TiB past the end of a 100 KiB file: the write made it a 1 TiB sparse file."""
+    import struct
+
+    from imgfs.block.driver import RepairMode
+
+    image = tmp_path / "disk.qcow2"
+    data = qcow2_with_one_cluster(image)
+    far = 1 << 40
+    if table == "L2":
+        (l1,) = struct.unpack_from(">Q", data, 40)
+        (l2,) = struct.unpack_from(">Q", data, l1)
+        struct.pack_into(">Q", data, l2 & 0x00FFFFFFFFFFFE00, far | 1 << 63)
+    else:
+        (reftable,) = struct.unpack_from(">Q", data, 48)
+        struct.pack_into(">Q", data, reftable, far)
+    image.write_bytes(data)
+    disk = open_disk(str(image), "qcow2")
+    try:
+        with pytest.raises(CorruptImage, match=f"{far}|{far + 0}.*past the end"):
+            disk.write(0, b"\x02" * 4096)
+            disk.write(MiB, b"\x03" * 4096)  # a new cluster: its refcount goes up
+            disk.flush()
+        try:
+            disk.check(RepairMode.ALL)
+        except ImgfsError:
+            pass
+    finally:
+        try:
+            disk.close()
+        except ImgfsError:
+            pass
+    assert image.stat().st_size < MiB
