@@ -797,3 +797,22 @@ def test_qcow2_pointer_past_the_end_is_not_written_through(table: str, tmp_path:
         except ImgfsError:
             pass
     assert image.stat().st_size < MiB
+
+
+def test_vmdk_flat_extent_past_the_end_of_its_file_is_read_only(bases, tmp_path: Path) -> None:
+    """A flat extent at sector 2**32 of a 4 MiB file: writes made it a 2 TiB sparse file."""
+    from imgfs.errors import ReadOnly
+
+    base = copy_base(bases, "vmdk-flat", tmp_path / "flat")
+    patch(base.directory / "disk.vmdk", b'"disk-flat.vmdk" 0', b'"disk-flat.vmdk" 4294967296')
+    disk = open_disk(str(base.directory / "disk.vmdk"), "vmdk",
+                     containment=Containment(str(base.directory)))  # fmt: skip
+    try:
+        assert disk.read(0, 4096) == bytes(4096)
+        with pytest.raises(ReadOnly):
+            disk.write(0, b"x" * 4096)
+        (info,) = disk.info()
+        assert any("past the end of its file (4194304 bytes)" in n for n in info.notes), info
+    finally:
+        disk.close()
+    assert (base.directory / "disk-flat.vmdk").stat().st_size == 4 * MiB

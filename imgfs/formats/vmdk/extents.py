@@ -151,6 +151,7 @@ class VmdkExtent:
 
 class FlatExtent(VmdkExtent):
     kind = "FLAT"
+    read_only_reason: str | None = None
 
     def __init__(self, file: HostFile, length: int, base: int, writable: bool) -> None:
         super().__init__(file, length, writable)
