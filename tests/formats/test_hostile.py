@@ -816,3 +816,29 @@ def test_vmdk_flat_extent_past_the_end_of_its_file_is_read_only(bases, tmp_path:
     finally:
         disk.close()
     assert (base.directory / "disk-flat.vmdk").stat().st_size == 4 * MiB
+
+
+def test_qcow2_data_file_cluster_past_the_end_is_not_written(tmp_path: Path) -> None:
+    """As above, for an L2 entry of an image with an external data file (not raw)."""
+    import struct
+    import subprocess
+
+    image, data_file = tmp_path / "disk.qcow2", tmp_path / "disk.data"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    "cluster_size=4096,data_file=disk.data", "disk.qcow2", "4M"],
+                   check=True, cwd=tmp_path)  # fmt: skip
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 4096", "disk.qcow2"],
+                   check=True, capture_output=True, cwd=tmp_path)  # fmt: skip
+    data = bytearray(image.read_bytes())
+    (l1,) = struct.unpack_from(">Q", data, 40)
+    (l2,) = struct.unpack_from(">Q", data, l1)
+    struct.pack_into(">Q", data, l2 & 0x00FFFFFFFFFFFE00, 1 << 40 | 1 << 63)
+    image.write_bytes(data)
+    before = data_file.stat().st_size
+    disk = open_disk(str(image), "qcow2", containment=Containment(str(tmp_path)))
+    try:
+        with pytest.raises(CorruptImage, match="past the end of the file"):
+            disk.write(0, b"\x02" * 4096)
+    finally:
+        disk.close()
+    assert data_file.stat().st_size == before

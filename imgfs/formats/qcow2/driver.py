@@ -785,6 +785,12 @@ class Qcow2Driver(BlockDriver):
             return None
         return host + (start & (self.cs - 1))
 
+    def _data_end(self, target: HostFile) -> int:
+        """Where the clusters of ``target`` end: data clusters are allocated from the image's
+        refcounts (an external data file's clusters too), so past its end nothing is ours."""
+        end = self._host_end if target is self.file else max(self._host_end, target.size())
+        return -(-end // self.cs) * self.cs
+
     def _write_locked(self, offset: int, view: memoryview) -> None:
         cs, cb = self.cs, self.cb
         end = offset + len(view)
@@ -805,13 +811,13 @@ class Qcow2Driver(BlockDriver):
                     if h2 != host + (run_end - pos):
                         break
                     run_end = nend
-                if target is self.file and host >= -(-self._host_end // cs) * cs:
+                if not self.data_file_raw and host >= self._data_end(target):
                     # An L2 entry past every cluster the file holds or this driver allocated:
                     # writing there would grow the file to wherever the entry says (2 TiB, or
                     # past what the host file system allows).
                     raise CorruptImage(
-                        f"{self.file.path}: qcow2 data cluster at {host & ~(cs - 1)} lies past "
-                        f"the end of the file ({self._host_end} bytes)"
+                        f"{target.path}: qcow2 data cluster at {host & ~(cs - 1)} lies past "
+                        f"the end of the file ({self._data_end(target)} bytes)"
                     )
                 target.pwrite(host, view[pos - offset : run_end - offset])
                 pos = run_end
