@@ -120,6 +120,9 @@ META_IS_REQUIRED = 4
 SECTOR_BITMAP_BLOCK = 1 * MiB
 MAX_VIRTUAL_SIZE = 64 * TiB
 MAX_TABLE_ENTRIES = 2047
+# The BAT is held in memory: 128 MiB covers 16 TiB at 1 MiB blocks, 64 TiB at 4 MiB. A region
+# in a sparse file may claim any size up to 64 TiB / 1 MiB * 8 = 512 MiB.
+MAX_BAT_BYTES = 128 * MiB
 MAX_LOG_SIZE = 64 * MiB  # dirty logs larger than this are refused rather than read into memory
 MAX_METADATA_ITEM = 1 * MiB
 # How far a log entry may grow the file (it records the file's new end).
@@ -243,7 +246,7 @@ class VhdxDriver(BlockDriver):
         a BAT entry pointing past the end of the file; that block reads as zeros)."""
         end = align_up(file_size, MiB)
         limit = end + PAST_EOF_BLOCKS * self._block_size
-        entries = array.array("Q", bytes(self._bat))
+        entries = array.array("Q", self._bat)  # one copy (frombytes), not two
         if sys.byteorder == "big":
             entries.byteswap()
         # Fast path: the highest entry (offsets are the high bits) is inside the limit.
@@ -333,6 +336,11 @@ class VhdxDriver(BlockDriver):
         if entries * 8 > bat_length:
             raise CorruptImage(
                 f"{path}: BAT region of {bat_length} bytes is too small for {entries} entries"
+            )
+        if entries * 8 > MAX_BAT_BYTES:
+            raise Unsupported(
+                f"{path}: a BAT of {entries} entries ({entries * 8} bytes) is over imgfs's "
+                f"{MAX_BAT_BYTES}-byte limit"
             )
         self._bat_offset = bat_offset
         self._bat = bytearray(self._pread(bat_offset, entries * 8))
@@ -940,6 +948,11 @@ class VhdxDriver(BlockDriver):
         else:
             entries = payload_blocks + (payload_blocks - 1) // chunk_ratio
         log_offset = 1 * MiB
+        if entries * 8 > MAX_BAT_BYTES:
+            raise InvalidRequest(
+                f"vhdx: {size} bytes in blocks of {block_size} need a BAT of {entries * 8} "
+                f"bytes, over imgfs's {MAX_BAT_BYTES}-byte limit: use bigger blocks"
+            )
         bat_offset = log_offset + log_size
         bat_length = align_up(entries * 8, MiB)
         metadata_offset = bat_offset + bat_length

@@ -85,6 +85,9 @@ MAX_VIRTUAL_SIZE = 1 << 50
 # What qemu-img creates at most (2040 GiB).
 MAX_CREATE_SIZE = 0xFF000000 * 512
 MAX_LOCATOR_BYTES = 64 * 1024
+# The BAT is held in memory: 4 M entries cover 8 TiB in 2 MiB blocks (a VHD holds 2 TiB). A
+# table in a sparse file may otherwise claim billions of entries.
+MAX_BAT_ENTRIES = 1 << 22
 BITMAP_CACHE_BLOCKS = 1024
 COW_UNIT = 4096
 # Blocks a crash may leave past the end of the file (the BAT entry reached the disk, the file's
@@ -279,6 +282,11 @@ class VpcDriver(BlockDriver):
             raise CorruptImage(
                 f"{path}: Max Table Entries {max_entries} is too large for the file and the "
                 f"disk size ({needed} blocks)"
+            )
+        if max_entries > MAX_BAT_ENTRIES:
+            raise Unsupported(
+                f"{path}: Max Table Entries {max_entries} is over imgfs's limit of "
+                f"{MAX_BAT_ENTRIES}"
             )
         self._block_size = block_size
         bitmap_bytes = -(-(block_size // SECTOR) // 8)
@@ -564,6 +572,10 @@ class VpcDriver(BlockDriver):
         """A new block at the end of the file, in the crash-safe order; returns its byte
         offset. The caller writes the data, then the BAT entry. Holds ``self._lock``."""
         block = self._free_offset
+        if block // SECTOR >= BAT_UNALLOCATED:
+            raise Unsupported(
+                f"{self.file.path}: a new block at byte {block} is past what a BAT entry holds"
+            )
         new_end = block + self._bitmap_size + self._block_size
         self.file.pwrite(new_end, self._footer)  # the file always ends with a footer
         self.file.pwrite(block, bitmap)  # overwrites the old footer
@@ -708,6 +720,11 @@ class VpcDriver(BlockDriver):
             ),
             FOOTER_CHECKSUM_AT,
         )  # fmt: skip
+        if disk_type != DISK_FIXED and -(-current_size // block_size) > MAX_BAT_ENTRIES:
+            raise InvalidRequest(
+                f"vpc: {current_size} bytes in blocks of {block_size} need more than "
+                f"{MAX_BAT_ENTRIES} BAT entries: use bigger blocks"
+            )
         with open(path, "wb") as f:
             if disk_type == DISK_FIXED:
                 f.truncate(current_size)

@@ -45,7 +45,8 @@ HANG_TIMEOUT = 60.0
 # allocation sized from a hostile field does not.
 ADDRESS_SPACE_LIMIT = 1024 * MiB
 
-WRITABLE_FORMATS = {"raw", "qed", "qcow", "cow", "vdi", "parallels", "parallels-hdd"}
+WRITABLE_FORMATS = {"raw", "qed", "qcow", "cow", "vdi", "parallels", "parallels-hdd", "qcow2",
+                    "vmdk", "vpc", "vhdx"}  # fmt: skip
 
 
 # -- bases ------------------------------------------------------------------------------------
@@ -298,7 +299,193 @@ def make_bases(root: Path) -> dict[str, list[Base]]:
     b.write_metadata(3 * per_table - 1, "00000000-1111-2222-3333-444444444444")
     b.save(d / "disk.asif")
     add(Base(d, "asif", "disk.asif", {"disk.asif": standard_regions(d / "disk.asif")}))
+
+    make_qcow2_bases(root, add, writes)
+    make_vmdk_bases(root, add, writes)
+    make_vpc_bases(root, add, writes)
+    make_vhdx_bases(root, add, writes)
     return bases
+
+
+def compressible(size: int) -> bytes:
+    return b"".join(f"block {i} ".encode() * 500 for i in range(size // 4000 + 1))[:size]
+
+
+def single(add, d: Path, fmt: str, image: str) -> None:  # type: ignore[no-untyped-def]
+    add(Base(d, fmt, image, {image: standard_regions(d / image)}))
+
+
+def make_qcow2_bases(root: Path, add, writes) -> None:  # type: ignore[no-untyped-def]
+    """v2 and v3; small clusters so the L2 and refcount tables are many; refcount widths 1 and
+    64; extended L2; a raw backing file; zlib and zstd compressed clusters; a data file."""
+    odd = writes + [(0x44, 1 << 20 | 1536, 1024)]  # sub-cluster writes for extended L2
+    for name, opts in (
+        ("qcow2-v2", "compat=0.10,cluster_size=4096"),
+        ("qcow2-512-rc1", "cluster_size=512,refcount_bits=1"),
+        ("qcow2-1k-rc64", "cluster_size=1024,refcount_bits=64"),
+        ("qcow2-extl2", "cluster_size=16384,extended_l2=on"),
+    ):
+        d = _new(root, name)
+        qemu("qemu-img", "create", "-f", "qcow2", "-o", opts, str(d / "disk.qcow2"), "4M")
+        qemu_writes(d / "disk.qcow2", "qcow2", odd)
+        single(add, d, "qcow2", "disk.qcow2")
+    d = _new(root, "qcow2-backing")
+    (d / "base.raw").write_bytes(b"\x5a" * 2 * MiB)
+    qemu_cwd(["qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.raw",
+              "-F", "raw", "disk.qcow2", "4M"], d)  # fmt: skip
+    qemu_writes(d / "disk.qcow2", "qcow2", writes)
+    single(add, d, "qcow2", "disk.qcow2")
+    for codec in ("zlib", "zstd"):
+        d = _new(root, f"qcow2-{codec}")
+        (d / "src.raw").write_bytes(compressible(2 * MiB))
+        opts = f"cluster_size=4096,compression_type={codec}"
+        qemu_cwd(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts,
+                  "src.raw", "disk.qcow2"], d)  # fmt: skip
+        (d / "src.raw").unlink()
+        single(add, d, "qcow2", "disk.qcow2")
+    d = _new(root, "qcow2-datafile")
+    qemu_cwd(["qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4096,data_file=disk.data",
+              "disk.qcow2", "4M"], d)  # fmt: skip
+    # qemu-io finds the data file relative to its working directory.
+    qemu_cwd(["qemu-io", "-f", "qcow2"] + [a for p, o, n in writes
+              for a in ("-c", f"write -P {p} {o} {n}")] + ["disk.qcow2"], d)  # fmt: skip
+    single(add, d, "qcow2", "disk.qcow2")
+
+
+def text_regions(path: Path) -> list[tuple[int, int]]:
+    return [(0, path.stat().st_size)]
+
+
+def make_vmdk_bases(root: Path, add, writes) -> None:  # type: ignore[no-untyped-def]
+    """monolithicSparse (plain and zeroed-grain), streamOptimized, twoGbMaxExtentSparse with
+    its descriptor in a file of its own, monolithicFlat, a child naming its parent, and the
+    corpus's seSparse extent."""
+    from tests.conftest import SHARED
+
+    d = _new(root, "vmdk-sparse")
+    qemu("qemu-img", "create", "-f", "vmdk", str(d / "disk.vmdk"), "4M")
+    qemu_writes(d / "disk.vmdk", "vmdk", writes)
+    single(add, d, "vmdk", "disk.vmdk")
+    d = _new(root, "vmdk-zeroed")
+    qemu("qemu-img", "create", "-f", "vmdk", "-o", "zeroed_grain=on", str(d / "disk.vmdk"), "4M")
+    qemu_writes(d / "disk.vmdk", "vmdk", writes)
+    qemu("qemu-io", "-f", "vmdk", "-c", "write -z 65536 65536", str(d / "disk.vmdk"))
+    single(add, d, "vmdk", "disk.vmdk")
+    d = _new(root, "vmdk-stream")
+    (d / "src.raw").write_bytes(compressible(2 * MiB) + bytes(MiB) + compressible(MiB))
+    qemu_cwd(["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o",
+              "subformat=streamOptimized", "src.raw", "disk.vmdk"], d)  # fmt: skip
+    (d / "src.raw").unlink()
+    single(add, d, "vmdk", "disk.vmdk")
+    d = _new(root, "vmdk-2gb")
+    qemu_cwd(["qemu-img", "create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse",
+              "disk.vmdk", "4M"], d)  # fmt: skip
+    qemu_writes(d / "disk.vmdk", "vmdk", writes)
+    add(Base(d, "vmdk", "disk.vmdk", {"disk.vmdk": text_regions(d / "disk.vmdk"),
+             "disk-s001.vmdk": standard_regions(d / "disk-s001.vmdk")}))  # fmt: skip
+    d = _new(root, "vmdk-flat")
+    qemu_cwd(["qemu-img", "create", "-f", "vmdk", "-o", "subformat=monolithicFlat",
+              "disk.vmdk", "4M"], d)  # fmt: skip
+    qemu_writes(d / "disk.vmdk", "vmdk", writes)
+    add(Base(d, "vmdk", "disk.vmdk", {"disk.vmdk": text_regions(d / "disk.vmdk"),
+             "disk-flat.vmdk": [(0, 4096)]}))  # fmt: skip
+    d = _new(root, "vmdk-child")
+    qemu_cwd(["qemu-img", "create", "-f", "vmdk", "parent.vmdk", "4M"], d)
+    qemu_writes(d / "parent.vmdk", "vmdk", writes[:2])
+    qemu_cwd(["qemu-img", "create", "-f", "vmdk", "-b", "parent.vmdk", "-F", "vmdk",
+              "disk.vmdk"], d)  # fmt: skip
+    qemu_writes(d / "disk.vmdk", "vmdk", [(0x66, 4096 + 512, 4096), (0x67, 2 * MiB, 512)])
+    add(Base(d, "vmdk", "disk.vmdk", {"disk.vmdk": standard_regions(d / "disk.vmdk"),
+             "parent.vmdk": standard_regions(d / "parent.vmdk")}))  # fmt: skip
+    d = _new(root, "vmdk-sesparse")
+    src = SHARED / "corpus/vmdk/dissect-hypervisor/sesparse"
+    shutil.copyfile(src / "sesparse-descriptor.vmdk", d / "disk.vmdk")
+    gunzip(src / "sesparse.vmdk.gz", d / "sesparse.vmdk")
+    add(Base(d, "vmdk", "disk.vmdk", {"disk.vmdk": text_regions(d / "disk.vmdk"),
+             "sesparse.vmdk": standard_regions(d / "sesparse.vmdk")}))  # fmt: skip
+
+
+def gunzip(src: Path, dest: Path) -> None:
+    import bz2
+    import gzip
+
+    opener = gzip.open if src.suffix == ".gz" else bz2.open
+    with opener(src, "rb") as f, open(dest, "wb") as out:
+        shutil.copyfileobj(f, out)
+
+
+def make_vpc_bases(root: Path, add, writes) -> None:  # type: ignore[no-untyped-def]
+    """Dynamic (qemu's, and one of imgfs with small blocks so the BAT has many entries),
+    fixed, and a differencing child made by imgfs create -o backing_file."""
+    from imgfs.block.disk import open_disk
+    from imgfs.formats.vpc import VpcDriver
+
+    d = _new(root, "vpc-dynamic")
+    qemu("qemu-img", "create", "-f", "vpc", str(d / "disk.vhd"), "4M")
+    qemu_writes(d / "disk.vhd", "vpc", writes)
+    single(add, d, "vpc", "disk.vhd")
+    d = _new(root, "vpc-small-blocks")
+    VpcDriver.create(str(d / "disk.vhd"), 4 * MiB, {"block_size": "64K"})
+    qemu_writes(d / "disk.vhd", "vpc", writes)
+    single(add, d, "vpc", "disk.vhd")
+    d = _new(root, "vpc-fixed")
+    qemu("qemu-img", "create", "-f", "vpc", "-o", "subformat=fixed", str(d / "disk.vhd"), "4M")
+    qemu_writes(d / "disk.vhd", "vpc", writes)
+    add(Base(d, "vpc", "disk.vhd", {"disk.vhd": [(0, 4096), (d.joinpath("disk.vhd").stat()
+             .st_size - 512, d.joinpath("disk.vhd").stat().st_size)]}))  # fmt: skip
+    d = _new(root, "vpc-diff")
+    VpcDriver.create(str(d / "parent.vhd"), 4 * MiB, {"block_size": "64K"})
+    qemu_writes(d / "parent.vhd", "vpc", writes[:2])
+    VpcDriver.create(str(d / "disk.vhd"), 4 * MiB, {"backing_file": "parent.vhd",
+                                                    "block_size": "64K"})  # fmt: skip
+    driver_writes(open_disk, d / "disk.vhd", "vpc")
+    add(Base(d, "vpc", "disk.vhd", {"disk.vhd": standard_regions(d / "disk.vhd"),
+             "parent.vhd": standard_regions(d / "parent.vhd")}))  # fmt: skip
+
+
+def driver_writes(open_disk, image: Path, fmt: str) -> None:  # type: ignore[no-untyped-def]
+    disk = open_disk(str(image), fmt)
+    try:
+        for pattern, off, n in [(0x66, 4096 + 512, 4096), (0x67, 2 * MiB, 512),
+                                (0x68, 3 * MiB + 100, 70000)]:  # fmt: skip
+            disk.write(off, bytes([pattern]) * n)
+        disk.flush()
+    finally:
+        disk.close()
+
+
+def make_vhdx_bases(root: Path, add, writes) -> None:  # type: ignore[no-untyped-def]
+    """Dynamic, fixed, 4096-byte logical sectors, a differencing child made by imgfs, and the
+    corpus image whose log was left unreplayed."""
+    from imgfs.block.disk import open_disk
+    from imgfs.formats.vhdx import VhdxDriver
+    from tests.conftest import SHARED
+
+    for name, opts in (
+        ("vhdx-dynamic", "block_size=1M"),
+        ("vhdx-fixed", "subformat=fixed"),
+        ("vhdx-4k", "block_size=1M,logical_sector_size=4096"),
+    ):
+        d = _new(root, name)
+        if "logical" in opts:  # qemu 7.2 neither makes nor writes 4096-byte sectors
+            VhdxDriver.create(str(d / "disk.vhdx"), 4 * MiB,
+                              dict(kv.split("=") for kv in opts.split(",")))  # fmt: skip
+            driver_writes(open_disk, d / "disk.vhdx", "vhdx")
+        else:
+            qemu("qemu-img", "create", "-f", "vhdx", "-o", opts, str(d / "disk.vhdx"), "4M")
+            qemu_writes(d / "disk.vhdx", "vhdx", writes)
+        single(add, d, "vhdx", "disk.vhdx")
+    d = _new(root, "vhdx-diff")
+    VhdxDriver.create(str(d / "parent.vhdx"), 4 * MiB, {"block_size": "1M"})
+    qemu_writes(d / "parent.vhdx", "vhdx", writes[:2])
+    VhdxDriver.create(str(d / "disk.vhdx"), 4 * MiB, {"backing_file": "parent.vhdx",
+                                                      "block_size": "1M"})  # fmt: skip
+    driver_writes(open_disk, d / "disk.vhdx", "vhdx")
+    add(Base(d, "vhdx", "disk.vhdx", {"disk.vhdx": standard_regions(d / "disk.vhdx"),
+             "parent.vhdx": standard_regions(d / "parent.vhdx")}))  # fmt: skip
+    d = _new(root, "vhdx-dirtylog")
+    gunzip(SHARED / "corpus/vhdx/qemu-iotests/iotest-dirtylog-10G-4M.vhdx.bz2", d / "disk.vhdx")
+    single(add, d, "vhdx", "disk.vhdx")
 
 
 def qemu_cwd(args: list[str], cwd: Path) -> None:
@@ -387,7 +574,8 @@ def make_mutant(base: Base, seed: int, dest: Path) -> tuple[str, str]:
     name = rng.choice(sorted(base.regions))
     path = dest / name
     data = bytearray(path.read_bytes())
-    what = xml_mutate(data, rng) if name.endswith(".xml") else None
+    text = name.endswith(".xml") or data[:21] == b"# Disk DescriptorFile"
+    what = xml_mutate(data, rng) if text else None
     if what is None:
         what = mutate(data, base.regions[name], rng)
     path.write_bytes(data)
@@ -443,6 +631,7 @@ def exercise(
         finally:
             step(disk.close)
     if writable:
+        before = file_sizes(root)
         rng = random.Random(seed ^ 0x5EED)
         disk = step(lambda: open_disk(path, fmt, read_only=False, containment=containment))
         if disk is not None:
@@ -465,7 +654,33 @@ def exercise(
                 step(disk.flush)
             finally:
                 step(disk.close)
+        for name, (size, allocated) in file_sizes(root).items():
+            old_size, old_allocated = before.get(name, (0, 0))
+            grew = size - old_size > MAX_GROWTH and fmt in APPARENT_GROWTH_CHECKED
+            if grew or allocated - old_allocated > MAX_ALLOCATED_GROWTH:
+                raise Bug(f"{name} grew from {old_size} to {size} bytes ({old_allocated} to "
+                          f"{allocated} allocated) after a few small writes")  # fmt: skip
     return errors
+
+
+# A few writes of at most 70000 bytes, a zeroing and a discard may allocate a block or two of
+# the biggest block size any format has (vhdx: 256 MiB) and its tables, but not more.
+MAX_GROWTH = 1024 * MiB
+MAX_ALLOCATED_GROWTH = 64 * MiB
+# Formats whose files may not grow past MAX_GROWTH even sparsely. parallels is not among them:
+# it appends new clusters after the highest BAT entry, which a mutant sets terabytes past the
+# end of the file (a sparse file of that apparent size; nothing allocated).
+APPARENT_GROWTH_CHECKED = {"qcow2", "vmdk", "vpc", "vhdx"}
+
+
+def file_sizes(root: str) -> dict[str, tuple[int, int]]:
+    """Apparent and allocated size of every file under ``root``."""
+    out: dict[str, tuple[int, int]] = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            st = os.stat(os.path.join(dirpath, name))
+            out[os.path.join(dirpath, name)] = (st.st_size, st.st_blocks * 512)
+    return out
 
 
 def read_side(disk, step) -> None:

@@ -264,6 +264,11 @@ def _count_l1(
     add = counter.add
     add(l1_offset, l1_size * 8, "L1 table")
     l1 = drv.l1 if active else decode_u64(drv.file.pread(l1_offset, l1_size * 8))
+    # One L1 table never references an L2 table twice (snapshots share tables between L1
+    # tables, not inside one). A corrupt one may point all its entries at the same table: its
+    # entries are counted once, so the work stays bounded by the file's size, not by
+    # L1 entries x L2 entries.
+    walked: set[int] = set()
     for l1e in l1:
         if l1e & L.L1E_RESERVED:
             res.corruptions += 1
@@ -275,6 +280,14 @@ def _count_l1(
         if l2_off % cs:
             res.corruptions += 1
             res.messages.append(f"ERROR l2_offset={l2_off:x}: Table is not cluster aligned")
+        if l2_off in walked:
+            res.corruptions += 1
+            res.messages.append(
+                f"ERROR l2_offset={l2_off:x}: L2 table referenced twice by one L1 table "
+                "(its clusters are counted once)"
+            )
+            continue
+        walked.add(l2_off)
         if active:
             words = drv.l2_cache.get(l2_off).words
         else:
@@ -338,6 +351,7 @@ def _check_copied(drv: Qcow2Driver, res: CheckResult, fix: bool) -> bool:
     """Active L1/L2 entries must have COPIED set exactly when the refcount is one."""
     cb = drv.cb
     changed = False
+    walked: set[int] = set()  # an L2 table the L1 points at twice is looked at once
     for i, l1e in enumerate(drv.l1):
         l2_off = l1e & L.L1E_OFFSET_MASK
         if not l2_off or l2_off % drv.cs:
@@ -353,6 +367,9 @@ def _check_copied(drv: Qcow2Driver, res: CheckResult, fix: bool) -> bool:
             else:
                 res.corruptions += 1
                 res.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} refcount={rc}")
+        if l2_off in walked:
+            continue
+        walked.add(l2_off)
         table = drv.l2_cache.get(l2_off)
         words = table.words
         has_data_file = drv.data_file is not None

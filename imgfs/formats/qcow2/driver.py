@@ -328,6 +328,13 @@ class Qcow2Driver(BlockDriver):
         return L2Table(self.file.pread(offset, self.cs))
 
     def _load_refblock(self, offset: int) -> RefcountBlock:
+        # Blocks this driver makes start in the cache; one read from past the end of the file
+        # is a corrupt refcount table entry, and updating it would grow the file to wherever
+        # the entry says.
+        if offset >= max(self._host_end, self.file.size()):
+            raise CorruptImage(
+                f"{self.file.path}: qcow2 refcount block offset {offset} is past the end of file"
+            )
         return RefcountBlock(self.file.pread(offset, self.cs), self.refcount_bits)
 
     def _evict_l2(self, offset: int, table: L2Table) -> None:
@@ -778,6 +785,12 @@ class Qcow2Driver(BlockDriver):
             return None
         return host + (start & (self.cs - 1))
 
+    def _data_end(self, target: HostFile) -> int:
+        """Where the clusters of ``target`` end: data clusters are allocated from the image's
+        refcounts (an external data file's clusters too), so past its end nothing is ours."""
+        end = self._host_end if target is self.file else max(self._host_end, target.size())
+        return -(-end // self.cs) * self.cs
+
     def _write_locked(self, offset: int, view: memoryview) -> None:
         cs, cb = self.cs, self.cb
         end = offset + len(view)
@@ -798,6 +811,14 @@ class Qcow2Driver(BlockDriver):
                     if h2 != host + (run_end - pos):
                         break
                     run_end = nend
+                if not self.data_file_raw and host >= self._data_end(target):
+                    # An L2 entry past every cluster the file holds or this driver allocated:
+                    # writing there would grow the file to wherever the entry says (2 TiB, or
+                    # past what the host file system allows).
+                    raise CorruptImage(
+                        f"{target.path}: qcow2 data cluster at {host & ~(cs - 1)} lies past "
+                        f"the end of the file ({self._data_end(target)} bytes)"
+                    )
                 target.pwrite(host, view[pos - offset : run_end - offset])
                 pos = run_end
                 continue

@@ -193,12 +193,27 @@ class VmdkDriver(BlockDriver):
             return ZeroExtent(None, length, False)
         if line.access == "NOACCESS":
             raise Unsupported(f"{path}: extent {line.filename!r} is NOACCESS")
+        # The lengths' sum is capped later; a flat extent's offset is not part of it and reaches
+        # pread.
+        if line.offset * SECTOR > MAX_VIRTUAL_SIZE:
+            raise CorruptImage(
+                f"{path}: extent {line.filename!r} starts at sector {line.offset}, past any file"
+            )
         want_write = not self.read_only and line.access == "RW"
         assert line.filename is not None
         file = self._extent_file(line.filename, want_write)
         writable = want_write and file.writable
         if line.kind in FLAT_KINDS:
-            return FlatExtent(file, length, line.offset * SECTOR, writable)
+            start = line.offset * SECTOR
+            if writable and start > file.size() and not file.is_block_device:
+                # Writes would grow the file to wherever the descriptor says (terabytes).
+                flat = FlatExtent(file, length, start, False)
+                flat.read_only_reason = (
+                    f"extent {line.filename!r} starts at byte {start}, past the end of its "
+                    f"file ({file.size()} bytes)"
+                )
+                return flat
+            return FlatExtent(file, length, start, writable)
         if line.kind in ("SPARSE", "VMFSSPARSE"):
             return open_sparse(file, length, writable)
         if line.kind == "SESPARSE":

@@ -66,6 +66,12 @@ SESPARSE_LIMIT = 1 << 40
 
 # VMware writes 64 KiB grains; qemu refuses grains over 1 GiB (2^21 sectors).
 MAX_GRAIN_SECTORS = 1 << 21
+# A compressed grain is inflated whole into memory: a 1 GiB one (from a 1 MiB zlib bomb) is
+# refused. VMware's streams use 64 KiB grains.
+MAX_COMPRESSED_GRAIN_SECTORS = 1 << 15
+# New grains of an uncompressed extent are built and written this many bytes at a time (a
+# 1 GiB grain is not built in memory whole).
+MAX_GRAIN_BUFFER = 4 * 1024 * 1024
 MAX_GTES_PER_GT = 1 << 16
 # 16 M GD entries (64 MiB) covers 512 TiB at qemu's defaults.
 MAX_GD_ENTRIES = 1 << 24
@@ -145,6 +151,7 @@ class VmdkExtent:
 
 class FlatExtent(VmdkExtent):
     kind = "FLAT"
+    read_only_reason: str | None = None
 
     def __init__(self, file: HostFile, length: int, base: int, writable: bool) -> None:
         super().__init__(file, length, writable)
@@ -274,7 +281,17 @@ class SparseExtent(VmdkExtent):
             else:
                 # New compressed grains are appended after everything the tables reference,
                 # each run followed by an end-of-stream marker.
-                self.file_end = max(self._metadata_end(), overhead * SECTOR)
+                end = max(self._metadata_end(), overhead * SECTOR)
+                if end > self.file_end:
+                    # Appending there would leave a hole of any size and sector numbers past
+                    # what a GT entry holds.
+                    self.writable = False
+                    self.read_only_reason = (
+                        f"its tables reference byte {end}, past the end of the file "
+                        f"({self.file_end} bytes)"
+                    )
+                else:
+                    self.file_end = end
 
     def _metadata_end(self) -> int:
         """The end of the last byte any table references: GDs, GTs and grains (with their
@@ -533,17 +550,44 @@ class SparseExtent(VmdkExtent):
                 pending.append(i)
         if not pending:
             return
-        # New grains go at the end of the file, one pwrite for the run, full grains only.
-        buf = bytearray(gs * len(pending))
-        for n, i in enumerate(pending):
-            g = first_grain + i
-            lo, hi = max(offset, g * gs), min(end, (g + 1) * gs)
-            if hi - lo < gs and self._classify(gtes[i]) is State.UNALLOCATED:
-                buf[n * gs : (n + 1) * gs] = backing(g * gs, gs)
-            buf[n * gs + lo - g * gs : n * gs + hi - g * gs] = data[lo - offset : hi - offset]
+        # New grains go at the end of the file (which reads as zeros past its end), full grains
+        # only: one pwrite for the run, or for grains too big to build at once, one per piece
+        # of MAX_GRAIN_BUFFER.
         host = self.file_end
-        self.file.pwrite(host, buf)
-        self.file_end = host + len(buf)
+        if gs * len(pending) <= MAX_GRAIN_BUFFER:
+            buf = bytearray(gs * len(pending))
+            for n, i in enumerate(pending):
+                g = first_grain + i
+                lo, hi = max(offset, g * gs), min(end, (g + 1) * gs)
+                if hi - lo < gs and self._classify(gtes[i]) is State.UNALLOCATED:
+                    buf[n * gs : (n + 1) * gs] = backing(g * gs, gs)
+                buf[n * gs + lo - g * gs : n * gs + hi - g * gs] = data[lo - offset : hi - offset]
+            self.file.pwrite(host, buf)
+        else:
+            for n, i in enumerate(pending):
+                g = first_grain + i
+                from_backing = self._classify(gtes[i]) is State.UNALLOCATED
+                for piece in range(0, gs, MAX_GRAIN_BUFFER):
+                    start = g * gs + piece  # guest offset of this piece
+                    n_bytes = min(MAX_GRAIN_BUFFER, gs - piece)
+                    lo, hi = max(offset, start), min(end, start + n_bytes)
+                    if lo == start and hi == start + n_bytes:
+                        chunk: bytes | bytearray | memoryview = data[lo - offset : hi - offset]
+                    else:
+                        chunk = (
+                            bytearray(backing(start, n_bytes))
+                            if from_backing
+                            else bytearray(n_bytes)
+                        )
+                        if lo < hi:
+                            chunk[lo - start : hi - start] = data[lo - offset : hi - offset]
+                    # Past the end of the file reads as zeros already: zero pieces stay holes.
+                    if chunk != bytes(n_bytes):
+                        self.file.pwrite(host + n * gs + piece, chunk)
+            # The file must cover the new grains (reopening checks grains against its size).
+            if self.file.size() < host + gs * len(pending):
+                self.file.pwrite(host + gs * len(pending) - SECTOR, bytes(SECTOR))
+        self.file_end = host + gs * len(pending)
         gt, table = self._gt_for_update(gd_index)
         base_in_gt = first_grain - gd_index * self.gtes_per_gt
         for n, i in enumerate(pending):
@@ -712,6 +756,11 @@ def _open_kdmv(file: HostFile, head: bytes, length: int, writable: bool) -> Spar
     compressed = bool(flags & FLAG_COMPRESSED)
     if compressed and compress != COMPRESS_DEFLATE:
         raise Unsupported(f"{file.path}: compression algorithm {compress}")
+    if compressed and grain > MAX_COMPRESSED_GRAIN_SECTORS:
+        raise Unsupported(
+            f"{file.path}: compressed grains of {grain} sectors (imgfs inflates at most "
+            f"{MAX_COMPRESSED_GRAIN_SECTORS})"
+        )
     span = grain * gtes
     gd_entries = -(-capacity // span)
     if gd_entries > MAX_GD_ENTRIES:
