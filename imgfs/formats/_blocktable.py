@@ -65,6 +65,7 @@ class BlockTableDriver(BlockDriver):
         self.block_size = 1
         self._dirty_sectors: set[int] = set()
         self._header_dirty = False
+        self._known_end = 0  # the host file's size when last looked at (it only grows)
 
     # -- what a format supplies -----------------------------------------------------------------
 
@@ -149,6 +150,7 @@ class BlockTableDriver(BlockDriver):
             n = min(bs - within, len(view) - pos)
             state, host = self._host(block)
             if state is Allocation.DATA and host is not None:
+                self._check_inside_file(block, host)
                 if run_host is not None and run_host + run_len == host + within:
                     run_len += n
                 else:
@@ -163,6 +165,19 @@ class BlockTableDriver(BlockDriver):
             pos += n
         if run_host is not None:
             self.file.pwrite(run_host, view[run_start : run_start + run_len])
+
+    def _check_inside_file(self, block: int, host: int) -> None:
+        """A table entry whose data starts past the end of the file is corrupt: writing there
+        would grow the image to wherever a hostile entry points (terabytes). Reads of such a
+        block see zeros, as the host file does."""
+        if host < self._known_end:
+            return
+        self._known_end = self.file.size()
+        if host >= self._known_end:
+            raise CorruptImage(
+                f"{self.file.path}: block {block} points past the end of the file "
+                f"({host:#x} >= {self._known_end:#x})"
+            )
 
     def _write_new_block(self, block: int, within: int, piece: memoryview) -> None:
         """Write into a block that has no data yet: reserve space, write the data (merged with

@@ -131,6 +131,16 @@ class ParallelsDriver(BlockTableDriver):
         self.data_end = max(data_off, highest * self._unit + cluster if highest else 0)
         if f[F_EXT_OFF]:
             self.data_end = max(self.data_end, f[F_EXT_OFF] * SECTOR + cluster)
+        file_size = self.file.size()
+        if (highest and highest * self._unit >= file_size) or data_off > file_size:
+            # New clusters go after the highest one (or at the data offset): writing would grow
+            # the file to wherever a damaged field points (terabytes, sparse). Reads see zeros
+            # there, as qemu's do.
+            self.notes.append(
+                f"the data area or a BAT entry lies past the end of the file ({file_size} "
+                "bytes): read-only"
+            )
+            self.read_only = True
         self._inuse_at_open = f[F_INUSE]
         if f[F_INUSE] == INUSE_MAGIC:
             self.notes.append("the image was not closed cleanly (in-use flag set): read-only")
