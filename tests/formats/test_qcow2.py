@@ -152,7 +152,7 @@ def test_l2_cache_size_option_is_bounded_and_reported(tmp_path: Path) -> None:
     disk = open_disk(str(img), read_only=True, driver_options={"l2-cache-size": "8k"})
     try:
         assert disk.top.info().format_specific["l2-cache-size"] == 8192
-        assert len(disk.top.l2_cache._tables) <= 2
+        assert len(disk.top.l2_cache.tables) <= 2
     finally:
         disk.close()
 

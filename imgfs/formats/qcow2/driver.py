@@ -76,6 +76,8 @@ DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024  # QEMU's default cap on Linux
 MAX_SEGMENT_CLUSTERS = 4096  # clusters mapped per request piece (bounds per-request work)
 PENDING_FREE_LIMIT = 65536  # deferred frees before a write forces a metadata flush
 MAX_BITMAP_DIRECTORY = 64 * 1024 * 1024
+# L2 entry bits that send a read off the fast path (compressed; zero, which v2 leaves reserved).
+_NOT_PLAIN = L.OFLAG_COMPRESSED | L.OFLAG_ZERO
 
 
 class Qcow2Driver(BlockDriver):
@@ -114,8 +116,9 @@ class Qcow2Driver(BlockDriver):
         self._bitmaps_marked = False
         self._lock = threading.RLock()
         # Reads map under the lock but do their I/O outside it; frees wait for them.
-        self._inflight = 0
-        self._inflight_cv = threading.Condition(threading.Lock())
+        self._inflight = 0  # changed under _inflight_lock; increments also under _lock
+        self._inflight_lock = threading.Lock()
+        self._drained: threading.Event | None = None  # set when a waiting free may go on
         self.l1 = array(U64_CODE)
         self._l1_dirty_lo: int | None = None
         self._l1_dirty_hi = 0
@@ -473,24 +476,59 @@ class Qcow2Driver(BlockDriver):
     # -- reads ----------------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        cb = self.cb
+        gci = offset >> cb
+        fast = False
+        host = 0
+        segments: list[tuple[int, int, int, int]] = []
         with self._lock:
-            segments = self._segments(offset, length)
-            with self._inflight_cv:
-                self._inflight += 1
+            # Fast path: one plain data cluster whose L2 table is cached (validated on load).
+            if not self.extl2 and (offset + length - 1) >> cb == gci:
+                l1i = gci >> self.l2_bits
+                if l1i < len(self.l1):
+                    tables = self.l2_cache.tables
+                    l2_offset = self.l1[l1i] & L.L1E_OFFSET_MASK
+                    table = tables.get(l2_offset)
+                    if table is not None:
+                        tables.move_to_end(l2_offset)
+                        entry = table.words[gci & (self.l2_entries - 1)]
+                        host = entry & L.L2E_OFFSET_MASK
+                        if (
+                            host
+                            and not entry & _NOT_PLAIN
+                            and not host & (self.cs - 1)
+                            and host + self.cs <= L.MAX_HOST_OFFSET
+                        ):
+                            with self._inflight_lock:
+                                self._inflight += 1
+                            fast = True
+            if not fast:
+                segments = self._segments(offset, length)
+                with self._inflight_lock:
+                    self._inflight += 1
         try:
+            if fast:
+                return (self.data_file or self.file).pread(host + (offset & (self.cs - 1)), length)
             return self._read_segments(offset, length, segments)
         finally:
-            with self._inflight_cv:
-                self._inflight -= 1
-                if not self._inflight:
-                    self._inflight_cv.notify_all()
+            self._read_done()
+
+    def _read_done(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+            if not self._inflight and self._drained is not None:
+                self._drained.set()
 
     def _wait_for_readers(self) -> None:
         """Called with the metadata lock held (so no read can map anything new): wait until
         reads that mapped host clusters before now have finished their I/O."""
-        with self._inflight_cv:
-            while self._inflight:
-                self._inflight_cv.wait()
+        with self._inflight_lock:
+            if not self._inflight:
+                return
+            drained = self._drained = threading.Event()
+        drained.wait()
+        with self._inflight_lock:
+            self._drained = None
 
     def _read_segments(
         self, offset: int, length: int, segments: list[tuple[int, int, int, int]]
