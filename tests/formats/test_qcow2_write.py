@@ -318,3 +318,30 @@ def test_writes_under_direct_and_writethrough_cache(tmp_path: Path, cache: Cache
         disk.close()
     assert_check_clean(img)
     assert_compare(img, bytes(model), tmp_path)
+
+
+def test_allocating_writes_with_host_zeroed_padding(tmp_path: Path) -> None:
+    """Partial-cluster allocating writes leave the padding to the host: at EOF (the file
+    grows) and into free space below EOF that holds stale bytes (fallocate zeroes it)."""
+    img = create(tmp_path / "z.qcow2", 8 * MiB, "cluster_size=65536")
+    # Junk past the image's last cluster: free (refcount 0) space below the new EOF.
+    with open(img, "ab") as f:
+        f.seek(0, os.SEEK_END)
+        pad = -f.tell() % (64 * KiB)
+        f.write(b"\0" * pad + b"\xa5" * (6 * 64 * KiB))
+    model = bytearray(8 * MiB)
+    rng = random.Random(7)
+    disk = open_disk(str(img), "qcow2")
+    try:
+        for _ in range(40):
+            off = rng.randrange(8 * MiB - 70000)
+            data = rng.randbytes(rng.choice([1, 511, 4096, 16384, 16385, 70000]))
+            disk.write(off, data)
+            model[off : off + len(data)] = data
+            at = off - off % 65536
+            assert disk.read(at, 65536) == model[at : at + 65536]
+        disk.flush()
+    finally:
+        disk.close()
+    assert_check_clean(img)
+    assert_compare(img, bytes(model), tmp_path)

@@ -910,8 +910,27 @@ class Qcow2Driver(BlockDriver):
             hi = last_end
         else:
             hi = min(last_end, (((run_end - 1) >> sb) + 1) << sb)
+        target = self.data_file or self.file
+        new_end = host + count * cs
         if lo == pos and hi == run_end:
             buf: bytes | bytearray | memoryview = view[pos - offset : run_end - offset]
+        elif (
+            not self.extl2
+            and self.data_file is None
+            and self._reads_zero_entry(entries[0][0])
+            and self._reads_zero_entry(entries[count - 1][0])
+        ):
+            # The padding around the data would be zeros: let the host provide them (space
+            # past EOF reads as zeros; reused space below EOF is zeroed by fallocate).
+            file_size = self.file.size()
+            for a, z in ((host, host + (pos - lo)), (host + (run_end - first_start), new_end)):
+                z = min(z, file_size)
+                if a < z and not self.file.zero_range(a, z - a):
+                    self.file.pwrite(a, bytes(z - a))
+            self.file.pwrite(host + (pos - first_start), view[pos - offset : run_end - offset])
+            if file_size < new_end:
+                self.file.truncate(new_end)  # whole clusters, as qemu-img check expects
+            return self._point_l2(gci, count, entries, host, lo, hi, run_end)
         else:
             b = bytearray()
             if lo < pos:
@@ -920,11 +939,31 @@ class Qcow2Driver(BlockDriver):
             if run_end < hi:
                 b += self._old_content(run_end, hi)
             buf = b
-        target = self.data_file or self.file
         target.pwrite(host + (lo - first_start), buf)
-        if self.data_file is None and self.file.size() < host + count * cs:
-            self.file.truncate(host + count * cs)  # whole clusters, as qemu-img check expects
-        # Data is in the host file: now the L2 entries may point at it.
+        if self.data_file is None and self.file.size() < new_end:
+            self.file.truncate(new_end)  # whole clusters, as qemu-img check expects
+        return self._point_l2(gci, count, entries, host, lo, hi, run_end)
+
+    def _reads_zero_entry(self, entry: int) -> bool:
+        """Whether a (standard L2) entry's whole cluster reads as zeros."""
+        if entry & L.OFLAG_COMPRESSED:
+            return False
+        if self.v3 and entry & L.OFLAG_ZERO:
+            return True
+        return not entry & L.L2E_OFFSET_MASK and self.backing is None
+
+    def _point_l2(
+        self,
+        gci: int,
+        count: int,
+        entries: list[tuple[int, int]],
+        host: int,
+        lo: int,
+        hi: int,
+        run_end: int,
+    ) -> int:
+        """Data is in the host file: now the L2 entries may point at it."""
+        cs, cb, sb = self.cs, self.cb, self.sub_bits
         for i in range(count):
             old_entry, old_bitmap = entries[i]
             g = gci + i
