@@ -40,6 +40,7 @@ import os
 import threading
 import zlib
 from array import array
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Self
 
@@ -76,6 +77,7 @@ DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024  # QEMU's default cap on Linux
 MAX_SEGMENT_CLUSTERS = 4096  # clusters mapped per request piece (bounds per-request work)
 PENDING_FREE_LIMIT = 65536  # deferred frees before a write forces a metadata flush
 MAX_BITMAP_DIRECTORY = 64 * 1024 * 1024
+INFLATED_CACHE_BYTES = 4 * 1024 * 1024  # recently inflated compressed clusters kept
 # L2 entry bits that send a read off the fast path (compressed; zero, which v2 leaves reserved).
 _NOT_PLAIN = L.OFLAG_COMPRESSED | L.OFLAG_ZERO
 
@@ -127,7 +129,10 @@ class Qcow2Driver(BlockDriver):
         self._free_hint = 0
         self._pending_free: list[tuple[int, int]] = []  # (host offset, length) to unreference
         self._host_end = file.size()
-        self._decompressed: tuple[int, bytes] | None = None
+        # Recently inflated clusters by L2 entry (a prefix when a read stopped early), LRU by bytes.
+        self._inflated: OrderedDict[int, bytes] = OrderedDict()
+        self._inflated_bytes = 0
+        self._inflated_lock = threading.Lock()
         self._compress_cursor = 0  # host byte offset where the last compressed cluster ended
         l2_cache_bytes = self._l2_cache_size(options)
         self.l2_cache_bytes = l2_cache_bytes
@@ -552,8 +557,8 @@ class Qcow2Driver(BlockDriver):
                 if self.backing is not None:
                     view[at : at + n] = self.read_backing(g, n)
             elif kind == COMPRESSED:
-                cluster = self._decompress(host)
                 c_off = g & (self.cs - 1)
+                cluster = self._decompress(host, c_off + n)
                 view[at : at + n] = cluster[c_off : c_off + n]
         return out
 
@@ -567,34 +572,53 @@ class Qcow2Driver(BlockDriver):
             raise CorruptImage(f"{self.file.path}: qcow2 compressed cluster at {coff} invalid")
         return start, end - start
 
-    def _decompress(self, entry: int) -> bytes:
-        cached = self._decompressed
-        if cached is not None and cached[0] == entry:
-            return cached[1]
-        start, size = self._compressed_range(entry)
-        raw = bytes(self.file.pread(start, size))
+    def _forget_inflated(self) -> None:
+        with self._inflated_lock:
+            self._inflated.clear()
+            self._inflated_bytes = 0
+
+    def _decompress(self, entry: int, need: int) -> bytes:
+        """At least the first ``need`` bytes of a compressed cluster. Inflating stops there the
+        first time; a second read of the cluster that needs more inflates it whole."""
         cs = self.cs
+        with self._inflated_lock:
+            cached = self._inflated.get(entry)
+            if cached is not None:
+                if len(cached) >= need:
+                    self._inflated.move_to_end(entry)
+                    return cached
+                need = cs
+        start, size = self._compressed_range(entry)
+        raw = self.file.pread(start, size)
         try:
             if self.h.compression_type == L.COMPRESSION_ZSTD:
                 reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw))
-                out = reader.read(cs)
-                while len(out) < cs:
-                    more = reader.read(cs - len(out))
+                out = reader.read(need)
+                while len(out) < need:
+                    more = reader.read(need - len(out))
                     if not more:
                         break
                     out += more
             else:
-                out = zlib.decompressobj(-15).decompress(raw, cs)
+                out = zlib.decompressobj(-15).decompress(raw, need)
         except (zlib.error, zstandard.ZstdError) as e:
             raise CorruptImage(
                 f"{self.file.path}: qcow2 compressed cluster at {start} does not decompress ({e})"
             ) from None
-        if len(out) != cs:
+        if len(out) != need:
             raise CorruptImage(
                 f"{self.file.path}: qcow2 compressed cluster at {start} decompresses to "
-                f"{len(out)} bytes, not {cs}"
+                f"{len(out)} bytes, not {need}"
             )
-        self._decompressed = (entry, out)
+        with self._inflated_lock:
+            old = self._inflated.pop(entry, None)
+            if old is not None:
+                self._inflated_bytes -= len(old)
+            self._inflated[entry] = out
+            self._inflated_bytes += len(out)
+            while self._inflated_bytes > max(INFLATED_CACHE_BYTES, cs) and len(self._inflated) > 1:
+                _, dropped = self._inflated.popitem(last=False)
+                self._inflated_bytes -= len(dropped)
         return out
 
     def block_status(self, offset: int, length: int) -> Extent:
@@ -1277,7 +1301,7 @@ class Qcow2Driver(BlockDriver):
         old_entry, _ = self._entry(gci)
         self._set_entry(gci, entry, 0)
         self._release_old(old_entry)
-        self._decompressed = None
+        self._forget_inflated()
 
     # -- resize ---------------------------------------------------------------------------------
 
@@ -1432,7 +1456,7 @@ class Qcow2Driver(BlockDriver):
                 if self._add_refcount(c, -1) == 0:
                     self.file.punch_hole(c << cb, self.cs)
                     self._free_hint = min(self._free_hint, c)
-            self._decompressed = None
+            self._forget_inflated()
 
     def _metadata_dirty(self) -> bool:
         return bool(
