@@ -133,6 +133,7 @@ class Qcow2Driver(BlockDriver):
         self._inflated: OrderedDict[int, bytes] = OrderedDict()
         self._inflated_bytes = 0
         self._inflated_lock = threading.Lock()
+        self._next_seq = -1  # where the last multi-piece/compressed read ended
         self._compress_cursor = 0  # host byte offset where the last compressed cluster ended
         l2_cache_bytes = self._l2_cache_size(options)
         self.l2_cache_bytes = l2_cache_bytes
@@ -539,6 +540,7 @@ class Qcow2Driver(BlockDriver):
         self, offset: int, length: int, segments: list[tuple[int, int, int, int]]
     ) -> bytes | bytearray | memoryview:
         data_file = self.data_file or self.file
+        prev_end, self._next_seq = self._next_seq, offset + length  # a hint only
         if len(segments) == 1:
             kind, g, n, host = segments[0]
             if kind == DATA:
@@ -547,6 +549,7 @@ class Qcow2Driver(BlockDriver):
                 return bytes(n)
             if kind == UNALLOC:
                 return self.read_backing(g, n)
+            return self._inflated_piece(host, g, n, prev_end)
         out = bytearray(length)
         view = memoryview(out)
         for kind, g, n, host in segments:
@@ -557,10 +560,15 @@ class Qcow2Driver(BlockDriver):
                 if self.backing is not None:
                     view[at : at + n] = self.read_backing(g, n)
             elif kind == COMPRESSED:
-                c_off = g & (self.cs - 1)
-                cluster = self._decompress(host, c_off + n)
-                view[at : at + n] = cluster[c_off : c_off + n]
+                view[at : at + n] = self._inflated_piece(host, g, n, prev_end)
         return out
+
+    def _inflated_piece(self, entry: int, g: int, n: int, prev_end: int) -> memoryview:
+        """Guest bytes [g, g + n) of one compressed cluster. A read continuing the previous one
+        is sequential: inflate the cluster whole (once); otherwise stop at the end of the range."""
+        c_off = g & (self.cs - 1)
+        cluster = self._decompress(entry, self.cs if g == prev_end else c_off + n)
+        return memoryview(cluster)[c_off : c_off + n]
 
     def _compressed_range(self, entry: int) -> tuple[int, int]:
         x = 62 - (self.cb - 8)
