@@ -484,11 +484,12 @@ class Qcow2Driver(BlockDriver):
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         cb = self.cb
         gci = offset >> cb
-        fast = False
-        host = 0
+        fast = compressed = False
+        host = entry = 0
         segments: list[tuple[int, int, int, int]] = []
         with self._lock:
-            # Fast path: one plain data cluster whose L2 table is cached (validated on load).
+            # Fast path: one plain data (or compressed) cluster whose L2 table is cached
+            # (validated on load).
             if not self.extl2 and (offset + length - 1) >> cb == gci:
                 l1i = gci >> self.l2_bits
                 if l1i < len(self.l1):
@@ -508,11 +509,18 @@ class Qcow2Driver(BlockDriver):
                             with self._inflight_lock:
                                 self._inflight += 1
                             fast = True
+                        elif entry & L.OFLAG_COMPRESSED and self.data_file is None:
+                            with self._inflight_lock:
+                                self._inflight += 1
+                            fast = compressed = True
             if not fast:
                 segments = self._segments(offset, length)
                 with self._inflight_lock:
                     self._inflight += 1
         try:
+            if compressed:
+                prev_end, self._next_seq = self._next_seq, offset + length  # a hint only
+                return self._inflated_piece(entry, offset, length, prev_end)
             if fast:
                 return (self.data_file or self.file).pread(host + (offset & (self.cs - 1)), length)
             return self._read_segments(offset, length, segments)
@@ -567,7 +575,8 @@ class Qcow2Driver(BlockDriver):
         """Guest bytes [g, g + n) of one compressed cluster. A read continuing the previous one
         is sequential: inflate the cluster whole (once); otherwise stop at the end of the range."""
         c_off = g & (self.cs - 1)
-        cluster = self._decompress(entry, self.cs if g == prev_end else c_off + n)
+        whole = c_off == 0 and n == self.cs  # then it is not kept: nothing else wants it soon
+        cluster = self._decompress(entry, self.cs if g == prev_end else c_off + n, not whole)
         return memoryview(cluster)[c_off : c_off + n]
 
     def _compressed_range(self, entry: int) -> tuple[int, int]:
@@ -585,7 +594,7 @@ class Qcow2Driver(BlockDriver):
             self._inflated.clear()
             self._inflated_bytes = 0
 
-    def _decompress(self, entry: int, need: int) -> bytes:
+    def _decompress(self, entry: int, need: int, keep: bool = True) -> bytes:
         """At least the first ``need`` bytes of a compressed cluster. Inflating stops there the
         first time; a second read of the cluster that needs more inflates it whole."""
         cs = self.cs
@@ -618,6 +627,8 @@ class Qcow2Driver(BlockDriver):
                 f"{self.file.path}: qcow2 compressed cluster at {start} decompresses to "
                 f"{len(out)} bytes, not {need}"
             )
+        if not keep:
+            return out
         with self._inflated_lock:
             old = self._inflated.pop(entry, None)
             if old is not None:
