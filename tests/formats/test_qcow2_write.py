@@ -345,3 +345,24 @@ def test_allocating_writes_with_host_zeroed_padding(tmp_path: Path) -> None:
         disk.close()
     assert_check_clean(img)
     assert_compare(img, bytes(model), tmp_path)
+
+
+@pytest.mark.parametrize("unmap", [False, True])
+def test_partial_write_into_zero_clusters(tmp_path: Path, unmap: bool) -> None:
+    """A partial write into a zero-flagged cluster (with or without its host cluster kept):
+    the rest of the new cluster reads as zeros, and the old host cluster is released."""
+    img = create(tmp_path / "zc.qcow2", 4 * MiB, "cluster_size=65536")
+    qemu_io(img, "write -P 0x5c 0 1M", "write -z " + ("-u " if unmap else "") + "0 1M")
+    model = bytearray(4 * MiB)
+    disk = open_disk(str(img), "qcow2")
+    try:
+        for off, n in ((100, 3000), (65536 + 4096, 16384), (3 * 65536 - 7, 14), (900000, 70000)):
+            data = bytes([n & 0xFF or 1]) * n
+            disk.write(off, data)
+            model[off : off + n] = data
+        assert disk.read(0, MiB) == model[:MiB]
+        disk.flush()
+    finally:
+        disk.close()
+    assert_check_clean(img)
+    assert_compare(img, bytes(model), tmp_path)

@@ -30,7 +30,14 @@ Other choices:
 * ``cheap_reads`` is False for zstd images and for images whose first L2 tables hold
   compressed clusters (reads then decompress on the worker pool);
 * reads map under the metadata lock and do their I/O outside it; freeing clusters waits for
-  in-flight reads, so a read never returns a freed-and-reused cluster's new contents.
+  in-flight reads, so a read never returns a freed-and-reused cluster's new contents. A read
+  within one cluster whose L2 table is cached maps with a single dict lookup (fast path);
+* allocating writes of part of a cluster whose old content reads as zeros write only the data:
+  the host supplies the zero padding (the file grows past EOF, or fallocate ZERO_RANGE on
+  reused space), still before the L2 entry points at the cluster;
+* compressed reads inflate only up to the end of the request (a read continuing the previous
+  one inflates the cluster whole), and a small LRU keeps partly consumed inflated clusters;
+  it is cleared whenever clusters are freed (after in-flight reads finish) or rewritten.
 """
 
 from __future__ import annotations
