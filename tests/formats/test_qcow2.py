@@ -152,7 +152,7 @@ def test_l2_cache_size_option_is_bounded_and_reported(tmp_path: Path) -> None:
     disk = open_disk(str(img), read_only=True, driver_options={"l2-cache-size": "8k"})
     try:
         assert disk.top.info().format_specific["l2-cache-size"] == 8192
-        assert len(disk.top.l2_cache._tables) <= 2
+        assert len(disk.top.l2_cache.tables) <= 2
     finally:
         disk.close()
 
@@ -350,3 +350,53 @@ def test_garbage_compressed_cluster_is_corrupt(tmp_path: Path, ctype: str) -> No
             disk.read(0, 4096)
     finally:
         disk.close()
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_partial_inflate_at_odd_offsets(tmp_path: Path, ctype: str) -> None:
+    """Reads stop inflating at the end of the requested range; later reads of the same
+    cluster that need more (or other parts) still get the right bytes."""
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"".join(b"row %09d|" % i for i in range(2 * MiB // 14 + 1))[: 2 * MiB])
+    img = tmp_path / f"c-{ctype}.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}",
+        str(src), str(img))  # fmt: skip
+    want = src.read_bytes()
+    disk = open_disk(str(img))
+    try:
+        rng = random.Random(ctype)
+        for _ in range(200):
+            off = rng.randrange(2 * MiB - 1)
+            n = min(rng.choice([1, 3, 511, 4096, 5000, 65536, 70001]), 2 * MiB - off)
+            assert disk.read(off, n) == want[off : off + n], (off, n)
+        for off in range(0, 2 * MiB, 4096):  # sequential small reads
+            assert disk.read(off, 4096) == want[off : off + 4096]
+        assert disk.top._inflated_bytes <= max(4 * MiB, 65536)
+    finally:
+        disk.close()
+
+
+def test_inflated_cache_forgets_rewritten_and_freed_clusters(tmp_path: Path) -> None:
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"abcdefgh" * (MiB // 8))
+    img = tmp_path / "c.qcow2"
+    run("qemu-img", "convert", "-c", "-O", "qcow2", str(src), str(img))
+    model = bytearray(src.read_bytes())
+    disk = open_disk(str(img))
+    try:
+        assert disk.read(100, 10) == model[100:110]  # cluster 0 inflated and cached
+        disk.top.write_compressed(0, b"Z" * 65536)  # rewritten compressed
+        model[0:65536] = b"Z" * 65536
+        assert disk.read(100, 10) == model[100:110]
+        assert disk.read(65536 + 7, 9) == model[65543:65552]
+        disk.discard(65536, 65536)  # freed; its space may be reused
+        disk.flush()
+        model[65536:131072] = bytes(65536)
+        disk.top.write_compressed(65536, b"Q" * 65536)
+        model[65536:131072] = b"Q" * 65536
+        assert disk.read(65536, 65536) == model[65536:131072]
+        disk.flush()
+    finally:
+        disk.close()
+    got = qemu_raw(img, tmp_path / "got.raw").read_bytes()
+    assert got == bytes(model)

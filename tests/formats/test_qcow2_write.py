@@ -318,3 +318,51 @@ def test_writes_under_direct_and_writethrough_cache(tmp_path: Path, cache: Cache
         disk.close()
     assert_check_clean(img)
     assert_compare(img, bytes(model), tmp_path)
+
+
+def test_allocating_writes_with_host_zeroed_padding(tmp_path: Path) -> None:
+    """Partial-cluster allocating writes leave the padding to the host: at EOF (the file
+    grows) and into free space below EOF that holds stale bytes (fallocate zeroes it)."""
+    img = create(tmp_path / "z.qcow2", 8 * MiB, "cluster_size=65536")
+    # Junk past the image's last cluster: free (refcount 0) space below the new EOF.
+    with open(img, "ab") as f:
+        f.seek(0, os.SEEK_END)
+        pad = -f.tell() % (64 * KiB)
+        f.write(b"\0" * pad + b"\xa5" * (6 * 64 * KiB))
+    model = bytearray(8 * MiB)
+    rng = random.Random(7)
+    disk = open_disk(str(img), "qcow2")
+    try:
+        for _ in range(40):
+            off = rng.randrange(8 * MiB - 70000)
+            data = rng.randbytes(rng.choice([1, 511, 4096, 16384, 16385, 70000]))
+            disk.write(off, data)
+            model[off : off + len(data)] = data
+            at = off - off % 65536
+            assert disk.read(at, 65536) == model[at : at + 65536]
+        disk.flush()
+    finally:
+        disk.close()
+    assert_check_clean(img)
+    assert_compare(img, bytes(model), tmp_path)
+
+
+@pytest.mark.parametrize("unmap", [False, True])
+def test_partial_write_into_zero_clusters(tmp_path: Path, unmap: bool) -> None:
+    """A partial write into a zero-flagged cluster (with or without its host cluster kept):
+    the rest of the new cluster reads as zeros, and the old host cluster is released."""
+    img = create(tmp_path / "zc.qcow2", 4 * MiB, "cluster_size=65536")
+    qemu_io(img, "write -P 0x5c 0 1M", "write -z " + ("-u " if unmap else "") + "0 1M")
+    model = bytearray(4 * MiB)
+    disk = open_disk(str(img), "qcow2")
+    try:
+        for off, n in ((100, 3000), (65536 + 4096, 16384), (3 * 65536 - 7, 14), (900000, 70000)):
+            data = bytes([n & 0xFF or 1]) * n
+            disk.write(off, data)
+            model[off : off + n] = data
+        assert disk.read(0, MiB) == model[:MiB]
+        disk.flush()
+    finally:
+        disk.close()
+    assert_check_clean(img)
+    assert_compare(img, bytes(model), tmp_path)

@@ -149,10 +149,10 @@ class TableCache(Generic[T]):
         self.capacity = max(2, capacity)
         self._load = load
         self._write_back = write_back
-        self._tables: OrderedDict[int, T] = OrderedDict()
+        self.tables: OrderedDict[int, T] = OrderedDict()
 
     def get(self, offset: int) -> T:
-        tables = self._tables
+        tables = self.tables
         table = tables.get(offset)
         if table is not None:
             tables.move_to_end(offset)
@@ -166,7 +166,7 @@ class TableCache(Generic[T]):
         self._insert(offset, table)
 
     def _insert(self, offset: int, table: T) -> None:
-        tables = self._tables
+        tables = self.tables
         while len(tables) >= self.capacity:
             old_offset, old = next(iter(tables.items()))
             if old.dirty:
@@ -176,13 +176,13 @@ class TableCache(Generic[T]):
         tables[offset] = table
 
     def dirty_items(self) -> Iterator[tuple[int, T]]:
-        return iter([(o, t) for o, t in self._tables.items() if t.dirty])
+        return iter([(o, t) for o, t in self.tables.items() if t.dirty])
 
     def has_dirty(self) -> bool:
-        return any(t.dirty for t in self._tables.values())
+        return any(t.dirty for t in self.tables.values())
 
     def drop(self, offset: int) -> None:
-        self._tables.pop(offset, None)
+        self.tables.pop(offset, None)
 
     def clear(self) -> None:
-        self._tables.clear()
+        self.tables.clear()

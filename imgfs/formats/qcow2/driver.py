@@ -30,7 +30,14 @@ Other choices:
 * ``cheap_reads`` is False for zstd images and for images whose first L2 tables hold
   compressed clusters (reads then decompress on the worker pool);
 * reads map under the metadata lock and do their I/O outside it; freeing clusters waits for
-  in-flight reads, so a read never returns a freed-and-reused cluster's new contents.
+  in-flight reads, so a read never returns a freed-and-reused cluster's new contents. A read
+  within one cluster whose L2 table is cached maps with a single dict lookup (fast path);
+* allocating writes of part of a cluster whose old content reads as zeros write only the data:
+  the host supplies the zero padding (the file grows past EOF, or fallocate ZERO_RANGE on
+  reused space), still before the L2 entry points at the cluster;
+* compressed reads inflate only up to the end of the request (a read continuing the previous
+  one inflates the cluster whole), and a small LRU keeps partly consumed inflated clusters;
+  it is cleared whenever clusters are freed (after in-flight reads finish) or rewritten.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import os
 import threading
 import zlib
 from array import array
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Self
 
@@ -76,6 +84,9 @@ DEFAULT_L2_CACHE_MAX = 32 * 1024 * 1024  # QEMU's default cap on Linux
 MAX_SEGMENT_CLUSTERS = 4096  # clusters mapped per request piece (bounds per-request work)
 PENDING_FREE_LIMIT = 65536  # deferred frees before a write forces a metadata flush
 MAX_BITMAP_DIRECTORY = 64 * 1024 * 1024
+INFLATED_CACHE_BYTES = 4 * 1024 * 1024  # recently inflated compressed clusters kept
+# L2 entry bits that send a read off the fast path (compressed; zero, which v2 leaves reserved).
+_NOT_PLAIN = L.OFLAG_COMPRESSED | L.OFLAG_ZERO
 
 
 class Qcow2Driver(BlockDriver):
@@ -114,8 +125,9 @@ class Qcow2Driver(BlockDriver):
         self._bitmaps_marked = False
         self._lock = threading.RLock()
         # Reads map under the lock but do their I/O outside it; frees wait for them.
-        self._inflight = 0
-        self._inflight_cv = threading.Condition(threading.Lock())
+        self._inflight = 0  # changed under _inflight_lock; increments also under _lock
+        self._inflight_lock = threading.Lock()
+        self._drained: threading.Event | None = None  # set when a waiting free may go on
         self.l1 = array(U64_CODE)
         self._l1_dirty_lo: int | None = None
         self._l1_dirty_hi = 0
@@ -124,7 +136,11 @@ class Qcow2Driver(BlockDriver):
         self._free_hint = 0
         self._pending_free: list[tuple[int, int]] = []  # (host offset, length) to unreference
         self._host_end = file.size()
-        self._decompressed: tuple[int, bytes] | None = None
+        # Recently inflated clusters by L2 entry (a prefix when a read stopped early), LRU by bytes.
+        self._inflated: OrderedDict[int, bytes] = OrderedDict()
+        self._inflated_bytes = 0
+        self._inflated_lock = threading.Lock()
+        self._next_seq = -1  # where the last multi-piece/compressed read ended
         self._compress_cursor = 0  # host byte offset where the last compressed cluster ended
         l2_cache_bytes = self._l2_cache_size(options)
         self.l2_cache_bytes = l2_cache_bytes
@@ -480,29 +496,73 @@ class Qcow2Driver(BlockDriver):
     # -- reads ----------------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        cb = self.cb
+        gci = offset >> cb
+        fast = compressed = False
+        host = entry = 0
+        segments: list[tuple[int, int, int, int]] = []
         with self._lock:
-            segments = self._segments(offset, length)
-            with self._inflight_cv:
-                self._inflight += 1
+            # Fast path: one plain data (or compressed) cluster whose L2 table is cached
+            # (validated on load).
+            if not self.extl2 and (offset + length - 1) >> cb == gci:
+                l1i = gci >> self.l2_bits
+                if l1i < len(self.l1):
+                    tables = self.l2_cache.tables
+                    l2_offset = self.l1[l1i] & L.L1E_OFFSET_MASK
+                    table = tables.get(l2_offset)
+                    if table is not None:
+                        tables.move_to_end(l2_offset)
+                        entry = table.words[gci & (self.l2_entries - 1)]
+                        host = entry & L.L2E_OFFSET_MASK
+                        if (
+                            host
+                            and not entry & _NOT_PLAIN
+                            and not host & (self.cs - 1)
+                            and host + self.cs <= L.MAX_HOST_OFFSET
+                        ):
+                            with self._inflight_lock:
+                                self._inflight += 1
+                            fast = True
+                        elif entry & L.OFLAG_COMPRESSED and self.data_file is None:
+                            with self._inflight_lock:
+                                self._inflight += 1
+                            fast = compressed = True
+            if not fast:
+                segments = self._segments(offset, length)
+                with self._inflight_lock:
+                    self._inflight += 1
         try:
+            if compressed:
+                prev_end, self._next_seq = self._next_seq, offset + length  # a hint only
+                return self._inflated_piece(entry, offset, length, prev_end)
+            if fast:
+                return (self.data_file or self.file).pread(host + (offset & (self.cs - 1)), length)
             return self._read_segments(offset, length, segments)
         finally:
-            with self._inflight_cv:
-                self._inflight -= 1
-                if not self._inflight:
-                    self._inflight_cv.notify_all()
+            self._read_done()
+
+    def _read_done(self) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
+            if not self._inflight and self._drained is not None:
+                self._drained.set()
 
     def _wait_for_readers(self) -> None:
         """Called with the metadata lock held (so no read can map anything new): wait until
         reads that mapped host clusters before now have finished their I/O."""
-        with self._inflight_cv:
-            while self._inflight:
-                self._inflight_cv.wait()
+        with self._inflight_lock:
+            if not self._inflight:
+                return
+            drained = self._drained = threading.Event()
+        drained.wait()
+        with self._inflight_lock:
+            self._drained = None
 
     def _read_segments(
         self, offset: int, length: int, segments: list[tuple[int, int, int, int]]
     ) -> bytes | bytearray | memoryview:
         data_file = self.data_file or self.file
+        prev_end, self._next_seq = self._next_seq, offset + length  # a hint only
         if len(segments) == 1:
             kind, g, n, host = segments[0]
             if kind == DATA:
@@ -511,6 +571,7 @@ class Qcow2Driver(BlockDriver):
                 return bytes(n)
             if kind == UNALLOC:
                 return self.read_backing(g, n)
+            return self._inflated_piece(host, g, n, prev_end)
         out = bytearray(length)
         view = memoryview(out)
         for kind, g, n, host in segments:
@@ -521,10 +582,16 @@ class Qcow2Driver(BlockDriver):
                 if self.backing is not None:
                     view[at : at + n] = self.read_backing(g, n)
             elif kind == COMPRESSED:
-                cluster = self._decompress(host)
-                c_off = g & (self.cs - 1)
-                view[at : at + n] = cluster[c_off : c_off + n]
+                view[at : at + n] = self._inflated_piece(host, g, n, prev_end)
         return out
+
+    def _inflated_piece(self, entry: int, g: int, n: int, prev_end: int) -> memoryview:
+        """Guest bytes [g, g + n) of one compressed cluster. A read continuing the previous one
+        is sequential: inflate the cluster whole (once); otherwise stop at the end of the range."""
+        c_off = g & (self.cs - 1)
+        whole = c_off == 0 and n == self.cs  # then it is not kept: nothing else wants it soon
+        cluster = self._decompress(entry, self.cs if g == prev_end else c_off + n, not whole)
+        return memoryview(cluster)[c_off : c_off + n]
 
     def _compressed_range(self, entry: int) -> tuple[int, int]:
         x = 62 - (self.cb - 8)
@@ -536,34 +603,55 @@ class Qcow2Driver(BlockDriver):
             raise CorruptImage(f"{self.file.path}: qcow2 compressed cluster at {coff} invalid")
         return start, end - start
 
-    def _decompress(self, entry: int) -> bytes:
-        cached = self._decompressed
-        if cached is not None and cached[0] == entry:
-            return cached[1]
-        start, size = self._compressed_range(entry)
-        raw = bytes(self.file.pread(start, size))
+    def _forget_inflated(self) -> None:
+        with self._inflated_lock:
+            self._inflated.clear()
+            self._inflated_bytes = 0
+
+    def _decompress(self, entry: int, need: int, keep: bool = True) -> bytes:
+        """At least the first ``need`` bytes of a compressed cluster. Inflating stops there the
+        first time; a second read of the cluster that needs more inflates it whole."""
         cs = self.cs
+        with self._inflated_lock:
+            cached = self._inflated.get(entry)
+            if cached is not None:
+                if len(cached) >= need:
+                    self._inflated.move_to_end(entry)
+                    return cached
+                need = cs
+        start, size = self._compressed_range(entry)
+        raw = self.file.pread(start, size)
         try:
             if self.h.compression_type == L.COMPRESSION_ZSTD:
                 reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw))
-                out = reader.read(cs)
-                while len(out) < cs:
-                    more = reader.read(cs - len(out))
+                out = reader.read(need)
+                while len(out) < need:
+                    more = reader.read(need - len(out))
                     if not more:
                         break
                     out += more
             else:
-                out = zlib.decompressobj(-15).decompress(raw, cs)
+                out = zlib.decompressobj(-15).decompress(raw, need)
         except (zlib.error, zstandard.ZstdError) as e:
             raise CorruptImage(
                 f"{self.file.path}: qcow2 compressed cluster at {start} does not decompress ({e})"
             ) from None
-        if len(out) != cs:
+        if len(out) != need:
             raise CorruptImage(
                 f"{self.file.path}: qcow2 compressed cluster at {start} decompresses to "
-                f"{len(out)} bytes, not {cs}"
+                f"{len(out)} bytes, not {need}"
             )
-        self._decompressed = (entry, out)
+        if not keep:
+            return out
+        with self._inflated_lock:
+            old = self._inflated.pop(entry, None)
+            if old is not None:
+                self._inflated_bytes -= len(old)
+            self._inflated[entry] = out
+            self._inflated_bytes += len(out)
+            while self._inflated_bytes > max(INFLATED_CACHE_BYTES, cs) and len(self._inflated) > 1:
+                _, dropped = self._inflated.popitem(last=False)
+                self._inflated_bytes -= len(dropped)
         return out
 
     def block_status(self, offset: int, length: int) -> Extent:
@@ -893,8 +981,27 @@ class Qcow2Driver(BlockDriver):
             hi = last_end
         else:
             hi = min(last_end, (((run_end - 1) >> sb) + 1) << sb)
+        target = self.data_file or self.file
+        new_end = host + count * cs
         if lo == pos and hi == run_end:
             buf: bytes | bytearray | memoryview = view[pos - offset : run_end - offset]
+        elif (
+            not self.extl2
+            and self.data_file is None
+            and self._reads_zero_entry(entries[0][0])
+            and self._reads_zero_entry(entries[count - 1][0])
+        ):
+            # The padding around the data would be zeros: let the host provide them (space
+            # past EOF reads as zeros; reused space below EOF is zeroed by fallocate).
+            file_size = self.file.size()
+            for a, z in ((host, host + (pos - lo)), (host + (run_end - first_start), new_end)):
+                z = min(z, file_size)
+                if a < z and not self.file.zero_range(a, z - a):
+                    self.file.pwrite(a, bytes(z - a))
+            self.file.pwrite(host + (pos - first_start), view[pos - offset : run_end - offset])
+            if file_size < new_end:
+                self.file.truncate(new_end)  # whole clusters, as qemu-img check expects
+            return self._point_l2(gci, count, entries, host, lo, hi, run_end)
         else:
             b = bytearray()
             if lo < pos:
@@ -903,11 +1010,31 @@ class Qcow2Driver(BlockDriver):
             if run_end < hi:
                 b += self._old_content(run_end, hi)
             buf = b
-        target = self.data_file or self.file
         target.pwrite(host + (lo - first_start), buf)
-        if self.data_file is None and self.file.size() < host + count * cs:
-            self.file.truncate(host + count * cs)  # whole clusters, as qemu-img check expects
-        # Data is in the host file: now the L2 entries may point at it.
+        if self.data_file is None and self.file.size() < new_end:
+            self.file.truncate(new_end)  # whole clusters, as qemu-img check expects
+        return self._point_l2(gci, count, entries, host, lo, hi, run_end)
+
+    def _reads_zero_entry(self, entry: int) -> bool:
+        """Whether a (standard L2) entry's whole cluster reads as zeros."""
+        if entry & L.OFLAG_COMPRESSED:
+            return False
+        if self.v3 and entry & L.OFLAG_ZERO:
+            return True
+        return not entry & L.L2E_OFFSET_MASK and self.backing is None
+
+    def _point_l2(
+        self,
+        gci: int,
+        count: int,
+        entries: list[tuple[int, int]],
+        host: int,
+        lo: int,
+        hi: int,
+        run_end: int,
+    ) -> int:
+        """Data is in the host file: now the L2 entries may point at it."""
+        cs, cb, sb = self.cs, self.cb, self.sub_bits
         for i in range(count):
             old_entry, old_bitmap = entries[i]
             g = gci + i
@@ -1221,7 +1348,7 @@ class Qcow2Driver(BlockDriver):
         old_entry, _ = self._entry(gci)
         self._set_entry(gci, entry, 0)
         self._release_old(old_entry)
-        self._decompressed = None
+        self._forget_inflated()
 
     # -- resize ---------------------------------------------------------------------------------
 
@@ -1376,7 +1503,7 @@ class Qcow2Driver(BlockDriver):
                 if self._add_refcount(c, -1) == 0:
                     self.file.punch_hole(c << cb, self.cs)
                     self._free_hint = min(self._free_hint, c)
-            self._decompressed = None
+            self._forget_inflated()
 
     def _metadata_dirty(self) -> bool:
         return bool(
