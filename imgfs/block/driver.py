@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Self
 
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import CacheMode, HostFile
-from imgfs.errors import ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, ReadOnly, Unsupported
 from imgfs.units import size_option
 
 # How much of a file the registry hands to each probe.
@@ -169,6 +169,20 @@ class CheckResult:
         if self.leaks:
             return 3
         return 0
+
+
+def read_stored_name(
+    file: HostFile, offset: int, size: int, *, first: int, end: int, max_size: int, what: str
+) -> str:
+    """A file name an image stores as (offset, size) in its header area (qcow, qed): checked to
+    lie in ``[first, end)`` and to be 1 to ``max_size`` bytes without a NUL, then decoded so
+    that any bytes survive a round trip."""
+    if size == 0 or size > max_size or offset < first or offset + size > end:
+        raise CorruptImage(f"{file.path}: bad {what} at {offset}, {size} bytes")
+    name = bytes(file.pread(offset, size))
+    if b"\0" in name:
+        raise CorruptImage(f"{file.path}: {what} {name!r} holds a NUL byte")
+    return name.decode("utf-8", "surrogateescape")
 
 
 class BlockDriver(ABC):

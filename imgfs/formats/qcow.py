@@ -31,6 +31,7 @@ from imgfs.block.driver import (
     ImageInfo,
     OpenOptions,
     ProbeInput,
+    read_stored_name,
 )
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
@@ -178,21 +179,10 @@ class QcowDriver(BlockDriver):
             )
         backing_name = None
         if h.backing_file_offset:
-            end = h.backing_file_offset + h.backing_file_size
-            if (
-                h.backing_file_size == 0
-                or h.backing_file_size > BACKING_NAME_MAX
-                or h.backing_file_offset < HEADER.size
-                or end > file_size
-            ):
-                raise CorruptImage(
-                    f"{path}: bad qcow backing file name at {h.backing_file_offset}, "
-                    f"{h.backing_file_size} bytes"
-                )
-            name = bytes(file.pread(h.backing_file_offset, h.backing_file_size))
-            if b"\0" in name:
-                raise CorruptImage(f"{path}: qcow backing file name {name!r} holds a NUL byte")
-            backing_name = name.decode("utf-8", "surrogateescape")
+            backing_name = read_stored_name(
+                file, h.backing_file_offset, h.backing_file_size, first=HEADER.size,
+                end=file_size, max_size=BACKING_NAME_MAX, what="qcow backing file name",
+            )  # fmt: skip
         return cls(file, options, h, backing_name)
 
     @property

@@ -31,6 +31,7 @@ from imgfs.block.driver import (
     OpenOptions,
     ProbeInput,
     RepairMode,
+    read_stored_name,
 )
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
@@ -224,21 +225,10 @@ class QedDriver(BlockDriver):
             )
         backing_name = None
         if h.features & F_BACKING_FILE:
-            end = h.backing_filename_offset + h.backing_filename_size
-            if (
-                h.backing_filename_size == 0
-                or h.backing_filename_size > BACKING_NAME_MAX
-                or h.backing_filename_offset < HEADER.size
-                or end > header_bytes
-            ):
-                raise CorruptImage(
-                    f"{path}: bad qed backing file name at {h.backing_filename_offset}, "
-                    f"{h.backing_filename_size} bytes"
-                )
-            name = bytes(file.pread(h.backing_filename_offset, h.backing_filename_size))
-            if b"\0" in name:
-                raise CorruptImage(f"{path}: qed backing file name {name!r} holds a NUL byte")
-            backing_name = name.decode("utf-8", "surrogateescape")
+            backing_name = read_stored_name(
+                file, h.backing_filename_offset, h.backing_filename_size, first=HEADER.size,
+                end=header_bytes, max_size=BACKING_NAME_MAX, what="qed backing file name",
+            )  # fmt: skip
         if h.autoclear_features and not options.read_only and file.writable:
             h.autoclear_features = 0
             file.pwrite(0, h.pack())
