@@ -357,6 +357,12 @@ class BlockDriver(ABC):
 
     # -- helpers for subclasses ----------------------------------------------------------------
 
+    def check_writable(self) -> None:
+        """Raise ReadOnly unless this layer was opened for writing (the Disk checks too; this
+        guards direct calls, as the tests and ``convert`` make)."""
+        if self.read_only:
+            raise ReadOnly(f"{self.file.path}: opened read-only")
+
     def read_backing(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         """Guest bytes of the backing image for an unallocated range: zeros where there is no
         backing image or the backing image is shorter than this one."""

@@ -21,6 +21,7 @@ from imgfs.emulation.common import (
     WRITE,
     BadRequest,
     Completion,
+    serial_for,
 )
 from imgfs.emulation.target import Target, TargetError
 
@@ -184,7 +185,7 @@ class AtaDisk:
         self.target = target
         self.block_size = block_size
         self.sectors = target.size // block_size
-        self.serial = serial or _serial_for(target.name)
+        self.serial = serial or serial_for(target.name)
         self.look_ahead = True
 
     def submit(
@@ -416,9 +417,3 @@ def build_fis(
         0,
         0,
     )
-
-
-def _serial_for(name: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(name.encode()).hexdigest()[:20].upper()

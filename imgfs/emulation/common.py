@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, NamedTuple
 
 #: Kinds of request, for the replay summary and the verify model.
@@ -35,3 +36,9 @@ class BadRequest(Exception):
     """The trace cannot be executed as written (a truncated CDB or FIS, a data-out buffer that
     does not match the command). Not a device status: the replay reports it as a trace error
     for that request."""
+
+
+def serial_for(name: str) -> str:
+    """A stable 20-character serial number for a disk, derived from its name (every bus
+    reports the same one for the same disk)."""
+    return hashlib.sha256(name.encode()).hexdigest()[:20].upper()

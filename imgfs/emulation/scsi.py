@@ -22,6 +22,7 @@ from imgfs.emulation.common import (
     WRITE_ZEROES,
     BadRequest,
     Completion,
+    serial_for,
 )
 from imgfs.emulation.target import Target, TargetError
 
@@ -271,7 +272,7 @@ class ScsiDisk:
         self.target = target
         self.block_size = block_size
         self.blocks = target.size // block_size
-        self.serial = (serial or _serial_for(target.name)).encode("ascii", "replace")[:20]
+        self.serial = (serial or serial_for(target.name)).encode("ascii", "replace")[:20]
         self.stopped = False
 
     # -- entry points ---------------------------------------------------------------------------
@@ -784,9 +785,3 @@ class ScsiDisk:
             if not new_wce and not self.target.writethrough:
                 self._flush()  # writes cached until now become durable before writethrough
             self.target.writethrough = not new_wce
-
-
-def _serial_for(name: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(name.encode()).hexdigest()[:20].upper()

@@ -19,6 +19,7 @@ from imgfs.emulation.common import (
     WRITE_ZEROES,
     BadRequest,
     Completion,
+    serial_for,
 )
 from imgfs.emulation.target import Target, TargetError
 
@@ -96,7 +97,7 @@ class VirtioBlk:
         self.target = target
         self.block_size = block_size
         self.capacity = target.size // SECTOR
-        self.serial = (serial or _serial_for(target.name)).encode("ascii", "replace")[:ID_BYTES]
+        self.serial = (serial or serial_for(target.name)).encode("ascii", "replace")[:ID_BYTES]
 
     @property
     def features(self) -> int:
@@ -260,9 +261,3 @@ def build_header(rtype: int, sector: int = 0) -> bytes:
 def build_segments(ranges: list[tuple[int, int, int]]) -> bytes:
     """Discard / write-zeroes payload from (sector, num_sectors, flags) triples."""
     return b"".join(SEGMENT.pack(s, n, f) for s, n, f in ranges)
-
-
-def _serial_for(name: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(name.encode()).hexdigest()[:20].upper()

@@ -24,7 +24,7 @@ from array import array
 from imgfs.block.driver import BlockDriver, OpenOptions
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
-from imgfs.errors import CorruptImage, ReadOnly
+from imgfs.errors import CorruptImage
 
 SECTOR = 512
 # Largest table we hold in memory: 32 Mi entries = 128 MiB (32 TiB at 1 MiB blocks).
@@ -93,10 +93,6 @@ class BlockTableDriver(BlockDriver):
     def mark_header_dirty(self) -> None:
         self._header_dirty = True
 
-    def _check_writable(self) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
-
     def _host(self, block: int) -> tuple[Allocation, int | None]:
         if block >= len(self.table):
             return Allocation.UNALLOCATED, None
@@ -138,7 +134,7 @@ class BlockTableDriver(BlockDriver):
         return b"".join(pieces)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._check_writable()
+        self.check_writable()
         view = memoryview(data).cast("B")
         bs = self.block_size
         # Pieces for blocks already allocated and contiguous on the host go in one pwrite.
@@ -202,11 +198,11 @@ class BlockTableDriver(BlockDriver):
     def discard(self, offset: int, length: int) -> None:
         """Whole allocated blocks give their host space back (hole punched); the block stays
         mapped and reads as zeros. Partial blocks keep their data, as the contract allows."""
-        self._check_writable()
+        self.check_writable()
         self._punch_whole_blocks(offset, length, zero_partial=False)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        self._check_writable()
+        self.check_writable()
         self._punch_whole_blocks(offset, length, zero_partial=True, may_unmap=may_unmap)
 
     def _punch_whole_blocks(

@@ -34,7 +34,7 @@ from imgfs.block.driver import BackingSpec, BlockDriver, ImageInfo, OpenOptions,
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
 
 MAGIC = 0x4F4F4F4D
 MAGIC_BE = struct.pack(">I", MAGIC)  # "OOOM": versions 2 and 3
@@ -373,8 +373,7 @@ class CowDriver(BlockDriver):
         return self.read_backing(offset, length)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         ss = self.sector_size
         end = offset + len(data)
         start = offset - offset % ss
@@ -396,8 +395,7 @@ class CowDriver(BlockDriver):
             self._bitmap.set_range(start // ss, (stop - start + ss - 1) // ss, True)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         ss = self.sector_size
         end = offset + length
         first = _round_up(offset, ss)
@@ -421,8 +419,7 @@ class CowDriver(BlockDriver):
             self.write(last, bytes(end - last))
 
     def discard(self, offset: int, length: int) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         ss = self.sector_size
         end = offset + length
         first = _round_up(offset, ss)

@@ -25,7 +25,7 @@ from imgfs.block.driver import BlockDriver, ImageInfo, OpenOptions, ProbeInput
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, ImgfsError, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, ImgfsError, Unsupported
 from imgfs.formats.parallels import ParallelsDriver
 from imgfs.formats.raw import RawDriver
 
@@ -267,8 +267,7 @@ class ParallelsHddDriver(BlockDriver):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         view = memoryview(data).cast("B")
         done = 0
         for top, off, n in self._pieces(offset, len(view)):
@@ -276,15 +275,13 @@ class ParallelsHddDriver(BlockDriver):
             done += n
 
     def discard(self, offset: int, length: int) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         for top, off, n in self._pieces(offset, length):
             if top.backing is None:  # discarding an overlay would expose the parent's data
                 top.discard(off, n)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         for top, off, n in self._pieces(offset, length):
             top.write_zeroes(off, n, may_unmap)
 

@@ -36,7 +36,7 @@ from imgfs.block.driver import (
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
 from imgfs.formats.qed import PageCache
 
 MAGIC = b"QFI\xfb"
@@ -351,10 +351,6 @@ class QcowDriver(BlockDriver):
             pos += run
         return out if out is not None else b""
 
-    def _check_writable(self) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
-
     def _allocate(self, nbytes: int, align: bool = True) -> int:
         cs = self.cluster_size
         offset = -(-self._file_end // cs) * cs if align else self._file_end
@@ -394,7 +390,7 @@ class QcowDriver(BlockDriver):
         return buf
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._check_writable()
+        self.check_writable()
         view = memoryview(data).cast("B")
         cs = self.cluster_size
         pos, end = offset, offset + len(view)
@@ -426,7 +422,7 @@ class QcowDriver(BlockDriver):
         return self.cluster_size
 
     def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._check_writable()
+        self.check_writable()
         cs = self.cluster_size
         if offset % cs:
             raise InvalidRequest(f"{self.file.path}: compressed write at {offset} not aligned")
@@ -455,11 +451,11 @@ class QcowDriver(BlockDriver):
                 )
 
     def discard(self, offset: int, length: int) -> None:
-        self._check_writable()
+        self.check_writable()
         self._zero_whole_clusters(offset, length, discard=True)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        self._check_writable()
+        self.check_writable()
         cs = self.cluster_size
         end = offset + length
         first = -(-offset // cs) * cs

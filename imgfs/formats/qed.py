@@ -36,7 +36,7 @@ from imgfs.block.driver import (
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
 from imgfs.units import size_option
 
 MAGIC = b"QED\0"
@@ -390,10 +390,6 @@ class QedDriver(BlockDriver):
             pos += run
         return out if out is not None else b""
 
-    def _check_writable(self) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
-
     def _set_need_check(self, on: bool) -> None:
         h = self.header
         new = (h.features | F_NEED_CHECK) if on else (h.features & ~F_NEED_CHECK)
@@ -436,7 +432,7 @@ class QedDriver(BlockDriver):
                 page[j] = e
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self._check_writable()
+        self.check_writable()
         view = memoryview(data).cast("B")
         cs = self.cluster_size
         pos, end = offset, offset + len(view)
@@ -480,11 +476,11 @@ class QedDriver(BlockDriver):
                 pos += run
 
     def discard(self, offset: int, length: int) -> None:
-        self._check_writable()
+        self.check_writable()
         self._zero_whole_clusters(offset, length, discard=True)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        self._check_writable()
+        self.check_writable()
         cs = self.cluster_size
         end = offset + length
         first = -(-offset // cs) * cs
@@ -545,7 +541,7 @@ class QedDriver(BlockDriver):
                 self.file.sync()
 
     def resize(self, new_size: int) -> None:
-        self._check_writable()
+        self.check_writable()
         h = self.header
         if new_size % 512 or new_size > min(SIZE_MAX, max_image_size(h.cluster_size, h.table_size)):
             raise InvalidRequest(
@@ -574,7 +570,7 @@ class QedDriver(BlockDriver):
         # Leaks cannot be repaired (nor can qemu): only RepairMode.ALL changes anything.
         fix = repair is RepairMode.ALL
         if fix:
-            self._check_writable()
+            self.check_writable()
         cs = self.cluster_size
         result = CheckResult()
         with self._lock:

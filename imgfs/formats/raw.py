@@ -17,7 +17,7 @@ from imgfs.block.driver import (
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import InvalidRequest, NotPermitted, ReadOnly
+from imgfs.errors import InvalidRequest, NotPermitted
 from imgfs.units import choice_option
 
 
@@ -65,8 +65,7 @@ class RawDriver(BlockDriver):
         return self.file.pread(offset, length)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         if self._guard is not None and self._touches_probed_bytes(offset, len(data)):
             with self._guard_lock:
                 self._check_still_raw(offset, data)
@@ -96,13 +95,11 @@ class RawDriver(BlockDriver):
             )
 
     def discard(self, offset: int, length: int) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         self.file.punch_hole(offset, length)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         if self._guard is not None and self._touches_probed_bytes(offset, length):
             super().write_zeroes(offset, length, may_unmap)  # goes through the guarded write
             return
@@ -119,8 +116,7 @@ class RawDriver(BlockDriver):
         return Extent(offset, run, Allocation.ZERO)
 
     def resize(self, new_size: int) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         if new_size < 0:
             raise InvalidRequest(f"{self.file.path}: bad size {new_size}")
         if self.file.is_block_device:

@@ -46,7 +46,7 @@ from imgfs.block.driver import (
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
 from imgfs.units import bool_option, choice_option, size_option
 
 KiB = 1024
@@ -705,8 +705,7 @@ class VhdxDriver(BlockDriver):
     # -- writes ---------------------------------------------------------------------------------
 
     def _begin_write(self) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         if not self._write_started:
             self._header[3] = uuid.uuid4().bytes_le  # file write GUID
             self._header[4] = uuid.uuid4().bytes_le  # data write GUID
@@ -788,8 +787,7 @@ class VhdxDriver(BlockDriver):
         """Dynamic images without a parent: whole blocks become ZERO blocks (BAT entry first,
         then the hole punched), 4 KiB-aligned parts of other blocks are punched (they read as
         zeros). Fixed images (LeaveBlocksAllocated) and differencing images keep their data."""
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         if self._has_parent or self._leave_allocated:
             return
         end = offset + length
@@ -813,8 +811,7 @@ class VhdxDriver(BlockDriver):
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """Blocks that already read as zeros are left alone; others get zeros written."""
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         end = offset + length
         bs = self._block_size
         while offset < end:

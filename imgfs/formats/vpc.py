@@ -40,7 +40,7 @@ from imgfs.block.driver import (
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
 from imgfs.units import bool_option, choice_option, size_option
 
 SECTOR = 512
@@ -479,8 +479,7 @@ class VpcDriver(BlockDriver):
     # -- writes ---------------------------------------------------------------------------------
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         if self._disk_type == DISK_FIXED:
             if offset + len(data) > self._data_end:
                 # The disk is bigger than the data area (the size rule chose the footer's
@@ -591,8 +590,7 @@ class VpcDriver(BlockDriver):
         """Dynamic images only: whole blocks are unallocated (BAT entry first, then the hole
         punched), 4 KiB-aligned parts of other blocks punched (they read as zeros). Fixed and
         differencing images keep their data."""
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         if self._disk_type != DISK_DYNAMIC:
             return
         end = offset + length
@@ -616,8 +614,7 @@ class VpcDriver(BlockDriver):
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         """Unallocated blocks of a dynamic image already read as zeros: only allocated blocks
         (and every block of a fixed or differencing image) get zeros written."""
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         if self._disk_type != DISK_DYNAMIC:
             super().write_zeroes(offset, length, may_unmap)
             return

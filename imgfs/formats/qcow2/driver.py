@@ -65,7 +65,7 @@ from imgfs.block.driver import (
 )
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
-from imgfs.errors import CorruptImage, InvalidRequest, NoSpace, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, InvalidRequest, NoSpace, Unsupported
 from imgfs.formats.qcow2 import layout as L
 from imgfs.formats.qcow2.cache import (
     U64_CODE,
@@ -830,8 +830,7 @@ class Qcow2Driver(BlockDriver):
     # -- writes ---------------------------------------------------------------------------------
 
     def _writable(self) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
 
     def _before_write(self) -> None:
         if self.bitmaps and not self._bitmaps_marked:

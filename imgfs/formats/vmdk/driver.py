@@ -27,7 +27,7 @@ from imgfs.block.driver import (
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, InvalidRequest, ReadOnly, Unsupported
+from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
 from imgfs.formats.vmdk import create as vmdk_create
 from imgfs.formats.vmdk import descriptor as vmdk_descriptor
 from imgfs.formats.vmdk.extents import (
@@ -279,8 +279,7 @@ class VmdkDriver(BlockDriver):
         return b"".join(pieces)
 
     def _before_write(self) -> None:
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         if not self.cid_updated:
             with self.cid_lock:
                 if not self.cid_updated:
@@ -425,8 +424,7 @@ class VmdkDriver(BlockDriver):
         Sparse: the header's capacity grows; when the grain directory must grow, new
         directories and tables are written at the end of the file before the one-sector
         header update that switches to them."""
-        if self.read_only:
-            raise ReadOnly(f"{self.file.path}: opened read-only")
+        self.check_writable()
         desc = self.descriptor
         if desc is None or len(self.extents) != 1 or self.backing is not None:
             raise Unsupported(f"{self.file.path}: only single-extent vmdk disks can be resized")
