@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from imgfs.block.disk import open_disk
 from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
 from imgfs.formats.vpc import VpcDriver, with_checksum
 from tests.conftest import SHARED
+from tests.formats.writers import striped_thread_writes
 from tests.oracle import (
     assert_export_matches_qemu,
     assert_qemu_check_clean,
@@ -461,29 +461,7 @@ def test_concurrent_writes_from_threads(tmp_path: Path, parent: bool) -> None:
     else:
         VpcDriver.create(str(image), 16 * MiB, {"block_size": "1M"})
     disk = open_disk(str(image), "vpc")
-    expected = bytearray(disk.read(0, 16 * MiB))
-    plans = []
-    rng = random.Random(11)
-    for t in range(4):
-        # Each thread owns every fourth 64 KiB stripe, so the expected bytes are well defined.
-        ops = []
-        for i in range(60):
-            stripe = rng.randrange(0, 16 * MiB // 65536 // 4) * 4 + t
-            start = stripe * 65536 + rng.randrange(0, 60000)
-            data = bytes([t * 60 + i + 1 & 0xFF]) * rng.randrange(1, 65536 - start % 65536)
-            ops.append((start, data))
-            expected[start : start + len(data)] = data
-        plans.append(ops)
-
-    def run(ops: list) -> None:
-        for start, data in ops:
-            disk.write(start, data)
-
-    threads = [threading.Thread(target=run, args=(ops,)) for ops in plans]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    expected = striped_thread_writes(disk, 16 * MiB)
     disk.flush()
     assert disk.read(0, 16 * MiB) == expected
     disk.close()
