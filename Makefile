@@ -22,8 +22,8 @@ PYTEST_ARGS ?=
 # oracles the tests compare against; nginx-light, nbdkit, libnbd-bin and qemu-block-extra (qemu's
 # curl driver) are the real HTTP and NBD peers of the remote tests; mtools, dosfstools read back
 # vvfat disks; xfsprogs and btrfs-progs make the reflink file systems dedup is tested on).
-# python3-venv / python3-dev are added by `deps` only when $(PYTHON) lacks venv+ensurepip or its C headers (Debian's own python3 does; the pyenv build on the development
-# machines has both).
+# python3-venv / python3-dev are added by `deps` only when $(PYTHON) lacks venv+ensurepip or its
+# C headers (Debian's own python3 does; the pyenv build on the development machines has both).
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc \
                 qemu-utils qemu-system-common qemu-system-x86 \
                 fio fdisk e2fsprogs util-linux cpio strace \
