@@ -234,17 +234,18 @@ class NBDServer:
             export = self.exports.get(name)
             if export is None:
                 writable = self.writable(entry)
-                disk = await self.in_thread(
-                    functools.partial(
-                        open_disk,
-                        entry.path,
-                        None,  # probe again: a probed raw image keeps its format guard
-                        read_only=not writable,
-                        cache=self.options.cache,
-                        containment=self.containment,
-                        driver_options=self.options.driver_options,
+                with trio.CancelScope(shield=True):  # an opened Disk must reach self.exports
+                    disk = await self.in_thread(
+                        functools.partial(
+                            open_disk,
+                            entry.path,
+                            None,  # probe again: a probed raw image keeps its format guard
+                            read_only=not writable,
+                            cache=self.options.cache,
+                            containment=self.containment,
+                            driver_options=self.options.driver_options,
+                        )
                     )
-                )
                 remote = _remote(disk.top)
                 export = OpenExport(
                     name,
@@ -266,17 +267,20 @@ class NBDServer:
             return export
 
     async def release(self, export: OpenExport) -> None:
-        lock = self._export_locks.setdefault(export.name, trio.Lock())
-        async with lock:
-            export.users -= 1
-            if export.users > 0:
-                return
-            self.exports.pop(export.name, None)
-            try:
-                await self.in_thread(export.disk.close)
-                log.info("%s: flushed and closed", export.name)
-            except Exception:
-                log.exception("%s: flush at close failed", export.name)
+        # Shielded: a shutdown cancelling the connection must not skip the flush and close.
+        with trio.CancelScope(shield=True):
+            lock = self._export_locks.setdefault(export.name, trio.Lock())
+            async with lock:
+                export.users -= 1
+                if export.users > 0:
+                    return
+                try:
+                    await self.in_thread(export.disk.close)
+                    log.info("%s: flushed and closed", export.name)
+                except Exception:
+                    log.exception("%s: flush at close failed", export.name)
+                finally:
+                    self.exports.pop(export.name, None)
 
     def close_all(self) -> int:
         """Flush and close every open image (at shutdown). Returns the number that failed."""

@@ -337,3 +337,27 @@ def test_serve_usage_errors(images: Path, tmp_path: Path) -> None:
     assert main(["serve", str(tmp_path / "missing"), "--listen", "127.0.0.1:0"]) == 1
     assert main(["serve", str(images), "--listen", "127.0.0.1:notaport"]) == 1
     assert main(["serve", str(images), "--tls"]) == 1
+
+
+def test_sigterm_with_clients_connected_flushes_every_image(images: Path, tmp_path: Path) -> None:
+    qcow2 = images / "busy.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(qcow2), "16M")
+    with imgfs_serve(images, log=tmp_path / "serve.log") as server:
+        files = [open_url(server.export("busy.qcow2"), writable=True, cache=CacheMode.WRITEBACK)
+                 for _ in range(2)]  # fmt: skip
+        try:
+            files[0].pwrite(3 * MiB, b"written, never flushed by the client" * 100)
+            files[1].pwrite(9 * MiB + 5, b"another connection")
+            text = stopped_cleanly(server)
+        finally:
+            for f in files:
+                f.close()
+        assert "busy.qcow2: flushed and closed" in text
+    expected = bytearray(16 * MiB)
+    data = b"written, never flushed by the client" * 100
+    expected[3 * MiB : 3 * MiB + len(data)] = data
+    expected[9 * MiB + 5 : 9 * MiB + 23] = b"another connection"
+    e = tmp_path / "expected.raw"
+    e.write_bytes(expected)
+    assert_qemu_check_clean(qcow2, "qcow2")
+    assert_qemu_compare_identical(qcow2, e, "qcow2")
