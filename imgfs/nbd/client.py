@@ -38,6 +38,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -186,13 +187,25 @@ class Connection:
         except BaseException:
             self.sock.close()
             raise
-        self.sock.settimeout(target.timeout)
+        self._set_io_timeout(target.timeout)
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._handles = itertools.count(1)
         self.broken: BaseException | None = None
+
+    def _set_io_timeout(self, seconds: float) -> None:
+        """The I/O timeout. On a plain socket it is the kernel's (SO_RCVTIMEO/SO_SNDTIMEO on a
+        blocking socket): Python's own timeout polls before every recv, a syscall per call."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(seconds)
+            return
+        self.sock.settimeout(None)
+        whole = int(seconds)
+        timeval = struct.pack("@ll", whole, int((seconds - whole) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
     # -- connecting and the handshake -----------------------------------------------------------
 
@@ -227,11 +240,9 @@ class Connection:
         while got < len(view):
             try:
                 n = self.sock.recv_into(view[got:])
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):
                 raise HostIOError(
-                    f"{self.target.url}: the server did not answer within "
-                    f"{self.sock.gettimeout():.0f} s",
-                    errno.ETIMEDOUT,
+                    f"{self.target.url}: the server did not answer in time", errno.ETIMEDOUT
                 ) from None
             except OSError as e:
                 raise HostIOError(
@@ -245,7 +256,7 @@ class Connection:
         try:
             for part in parts:
                 self.sock.sendall(part)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise HostIOError(f"{self.target.url}: send timed out", errno.ETIMEDOUT) from None
         except OSError as e:
             raise HostIOError(

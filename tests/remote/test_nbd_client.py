@@ -282,6 +282,18 @@ def test_timeouts(tmp_path: Path) -> None:
         listener.close()
     with pytest.raises(HostIOError):
         NBDFile(f"nbd+unix:///x?socket={tmp_path}/none.sock", writable=False)
+    # a server that answers the handshake but not a read (nbdkit's delay filter)
+    sock = tmp_path / "slow.sock"
+    with nbdkit("--filter=delay", "memory", "1M", "rdelay=20", unix=sock) as server:
+        file = NBDFile(server.export() + "&timeout=0.5", writable=False)
+        try:
+            start = time.monotonic()
+            with pytest.raises(HostIOError) as info:
+                file.pread(0, 512)
+            assert info.value.errno in (errno.ETIMEDOUT, errno.EIO)
+            assert time.monotonic() - start < 5  # one retry on a new connection, then the error
+        finally:
+            file.close()
 
 
 def test_unknown_export_is_a_clear_error(tmp_path: Path) -> None:
