@@ -162,6 +162,7 @@ class _Pending:
     extents: list[tuple[int, int]] = field(default_factory=list)  # block status
     error: BaseException | None = None
     done: bool = False
+    waiting: bool = False  # its thread is in _wait (so it can take over reading replies)
     event: threading.Event = field(default_factory=threading.Event)
 
 
@@ -437,6 +438,9 @@ class Connection:
         return pending
 
     def _wait(self, pending: _Pending) -> None:
+        # Marked waiting before trying the lock: a reader that releases it after our failed
+        # attempt then sees us and wakes us to take over.
+        pending.waiting = True
         while not pending.done:
             if self._recv_lock.acquire(blocking=False):
                 try:
@@ -450,9 +454,12 @@ class Connection:
                 pending.event.clear()
 
     def _wake_next_reader(self) -> None:
+        """Hand the reader role to a thread waiting for its reply. Only a waiting one: a thread
+        still sending a large write cannot read, and replies must keep flowing meanwhile (the
+        server may stop reading our requests while its replies pile up)."""
         with self._state_lock:
             for other in self._pending.values():
-                if not other.done:
+                if other.waiting and not other.done:
                     other.event.set()
                     return
 
@@ -843,20 +850,25 @@ class NBDFile:
     # -- durability -----------------------------------------------------------------------------
 
     def sync(self) -> None:
-        """Flush the server's cache (NBD_CMD_FLUSH), unless the cache mode is unsafe."""
+        """Flush the server's cache (NBD_CMD_FLUSH), unless the cache mode is unsafe. A server
+        without a flush command has no cache: its acknowledged writes are durable."""
+        if self.no_flush or not self.writable or not self.info.flags & P.FLAG_SEND_FLUSH:
+            return
+        self._check_lost_writes()
+        with self._dirty_lock:
+            target = self._write_gen
+        self._request(P.CMD_FLUSH, 0, 0)
+        self._check_lost_writes()  # the flush may have been retried on a new connection
+        with self._dirty_lock:
+            self._flushed_gen = max(self._flushed_gen, target)
+
+    def _check_lost_writes(self) -> None:
         if self._lost_writes is not None:
             raise HostIOError(
                 f"{self.path}: the connection dropped with unflushed writes, which the server "
                 f"may have lost ({self._lost_writes}); reopen the image",
                 errno.EIO,
             )
-        if self.no_flush or not self.writable or not self.info.flags & P.FLAG_SEND_FLUSH:
-            return
-        with self._dirty_lock:
-            target = self._write_gen
-        self._request(P.CMD_FLUSH, 0, 0)
-        with self._dirty_lock:
-            self._flushed_gen = max(self._flushed_gen, target)
 
     def close(self) -> None:
         with self._conn_lock:
