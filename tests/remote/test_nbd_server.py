@@ -127,10 +127,12 @@ def test_writes_through_qemu_io_and_nbdcopy(images: Path, tmp_path: Path) -> Non
     assert paths["plain.img"].read_bytes() == src
 
 
-def test_several_clients_writing_disjoint_regions(images: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", ["writeback", "none", "writethrough"])
+def test_several_clients_writing_disjoint_regions(images: Path, tmp_path: Path, cache: str) -> None:
+    """Inline writes (writeback) and writes on the worker pool (O_DIRECT, writethrough)."""
     qcow2 = images / "shared.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(qcow2), "32M")
-    with imgfs_serve(images, log=tmp_path / "serve.log") as server:
+    with imgfs_serve(images, "--cache", cache, log=tmp_path / "serve.log") as server:
         url = server.export("shared.qcow2")
         procs = [
             subprocess.Popen(
