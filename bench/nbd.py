@@ -6,6 +6,9 @@ socket, read sequentially in 1 MiB requests through imgfs's client (imgfs.nbd.cl
 thread and four threads sharing one connection, the way FUSE workers share it) side by side
 with ``qemu-img convert`` (QEMU's NBD client) and ``nbdcopy`` (libnbd) from the same export.
 
+The qcow2 file's own bytes are also served (qemu-nbd -f raw) and read through a qcow2 driver
+on the client: imgfs's (on its NBD client) against qemu-img convert -f qcow2 (QEMU's).
+
 Server: the same images exported by ``imgfs serve`` and by ``qemu-nbd`` (TCP on loopback),
 copied with ``nbdcopy`` to ``null:`` (reads) and from a file into a fresh image (writes:
 into a sparse raw file, and into an empty qcow2, i.e. allocating writes).
@@ -150,9 +153,39 @@ def imgfs_client_read(url: str, threads: int, request: int = MiB) -> Callable[[]
     return go
 
 
-def qemu_img_convert(url: str, size: int) -> Callable[[], None]:
+def imgfs_disk_read(url: str, fmt: str, threads: int, request: int = MiB) -> Callable[[], None]:
+    """A format driver on top of the NBD client (an image file's bytes served as the export)."""
+
+    def go() -> None:
+        from imgfs.block import registry
+        from imgfs.block.disk import Disk
+        from imgfs.block.driver import OpenOptions
+        from imgfs.block.hostfile import CacheMode
+        from imgfs.remote import open_url
+
+        file = open_url(url, writable=False, cache=CacheMode.WRITEBACK)
+        opts = OpenOptions(read_only=True, cache=CacheMode.WRITEBACK)
+        disk = Disk(registry.get_driver(fmt).open(file, opts), CacheMode.WRITEBACK, url)
+
+        def worker(k: int) -> None:
+            for pos in range(k * request, disk.size, threads * request):
+                disk.read(pos, request)
+
+        try:
+            pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+        finally:
+            disk.close()
+
+    return go
+
+
+def qemu_img_convert(url: str, size: int, fmt: str = "raw") -> Callable[[], None]:
     return lambda: run(
-        "qemu-img", "convert", "-n", "-f", "raw", "--target-image-opts", url,
+        "qemu-img", "convert", "-n", "-f", fmt, "--target-image-opts", url,
         f"driver=null-co,size={size}",
     )  # fmt: skip
 
@@ -205,6 +238,16 @@ def main() -> int:
                         f"client {fmt} qemu-img convert", timed(qemu_img_convert(url, size), size)
                     )
                     record(f"client {fmt} nbdcopy", timed(nbdcopy(url, "null:"), size))
+                if fmt == "qcow2":  # the qcow2 file's bytes as the export, a driver on top
+                    with qemu_nbd(image, "raw", sock=sock) as url:
+                        record(
+                            "client qcow2-bytes imgfs qcow2 driver 4 threads",
+                            timed(imgfs_disk_read(url, "qcow2", 4), size),
+                        )
+                        record(
+                            "client qcow2-bytes qemu-img convert -f qcow2",
+                            timed(qemu_img_convert(url, size, "qcow2"), size),
+                        )
                 # server side: nbdcopy reading from, and writing to, each server
                 with imgfs_serve(images) as base:
                     record(
