@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import signal
 import socket
 import statistics
@@ -86,7 +87,7 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def qemu_nbd(image: Path, fmt: str, *, sock: Path | None = None) -> Iterator[str]:
-    """qemu-nbd serving one image; yields the export URL."""
+    """qemu-nbd serving one image; yields the export URL (its pid in SERVER_PID)."""
     args = ["qemu-nbd", "-t", "-f", fmt, "-x", "disk", "--cache=writeback", "-e", "16"]
     port = None
     if sock is not None:
@@ -101,6 +102,7 @@ def qemu_nbd(image: Path, fmt: str, *, sock: Path | None = None) -> Iterator[str
     )
     try:
         wait_listening(proc, port, sock)
+        SERVER_PID[0] = proc.pid
         yield url
     finally:
         stop(proc)
@@ -118,15 +120,41 @@ def imgfs_serve(images: Path) -> Iterator[str]:
     )
     try:
         wait_listening(proc, port, None)
+        SERVER_PID[0] = proc.pid
         yield f"nbd://127.0.0.1:{port}"
     finally:
         stop(proc)
 
 
-def timed(fn: Callable[[], None], nbytes: int) -> float:
+SERVER_PID = [0]  # the server started last
+CPU_SECONDS: dict[str, list[float]] = {}  # figure -> server CPU seconds per GiB, per run
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def client_cpu() -> float:
+    """CPU seconds of this process and its finished children (the client tools)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn: Callable[[], None], nbytes: int, key: str, *, server: bool = False) -> float:
+    """MB/s of fn(); also the CPU seconds per GiB moved of the server (server=True) or of the
+    client (this process, or the client tool it ran)."""
+    pid = SERVER_PID[0]
+    cpu0 = cpu_seconds(pid) if server else client_cpu()
     start = time.perf_counter()
     fn()
-    return nbytes / (time.perf_counter() - start) / 1e6
+    elapsed = time.perf_counter() - start
+    used = (cpu_seconds(pid) if server else client_cpu()) - cpu0
+    CPU_SECONDS.setdefault(key, []).append(used * (1 << 30) / nbytes)
+    return nbytes / elapsed / 1e6
 
 
 def imgfs_client_read(url: str, threads: int, request: int = MiB) -> Callable[[], None]:
@@ -207,6 +235,9 @@ def main() -> int:
     size = parse_size(args.size)
     results: dict[str, list[float]] = {}
 
+    def measure(key: str, fn: Callable[[], None], *, server: bool = False) -> None:
+        record(key, timed(fn, size, key, server=server))
+
     def record(key: str, value: float) -> None:
         results.setdefault(key, []).append(value)
         print(f"{key}: {value:.0f} MB/s", file=sys.stderr, flush=True)
@@ -232,30 +263,26 @@ def main() -> int:
             for fmt, image in (("raw", raw), ("qcow2", qcow2)):
                 # client side: the same qemu-nbd export read by three clients
                 with qemu_nbd(image, fmt, sock=sock) as url:
-                    record(f"client {fmt} imgfs 1 thread", timed(imgfs_client_read(url, 1), size))
-                    record(f"client {fmt} imgfs 4 threads", timed(imgfs_client_read(url, 4), size))
-                    record(
-                        f"client {fmt} qemu-img convert", timed(qemu_img_convert(url, size), size)
-                    )
-                    record(f"client {fmt} nbdcopy", timed(nbdcopy(url, "null:"), size))
+                    measure(f"client {fmt} imgfs 1 thread", imgfs_client_read(url, 1))
+                    measure(f"client {fmt} imgfs 4 threads", imgfs_client_read(url, 4))
+                    measure(f"client {fmt} qemu-img convert", qemu_img_convert(url, size))
+                    measure(f"client {fmt} nbdcopy", nbdcopy(url, "null:"))
                 if fmt == "qcow2":  # the qcow2 file's bytes as the export, a driver on top
                     with qemu_nbd(image, "raw", sock=sock) as url:
-                        record(
+                        measure(
                             "client qcow2-bytes imgfs qcow2 driver 4 threads",
-                            timed(imgfs_disk_read(url, "qcow2", 4), size),
+                            imgfs_disk_read(url, "qcow2", 4),
                         )
-                        record(
+                        measure(
                             "client qcow2-bytes qemu-img convert -f qcow2",
-                            timed(qemu_img_convert(url, size, "qcow2"), size),
+                            qemu_img_convert(url, size, "qcow2"),
                         )
                 # server side: nbdcopy reading from, and writing to, each server
                 with imgfs_serve(images) as base:
-                    record(
-                        f"server {fmt} read imgfs serve",
-                        timed(nbdcopy(f"{base}/{image.name}", "null:"), size),
-                    )
+                    key = f"server {fmt} read imgfs serve"
+                    measure(key, nbdcopy(f"{base}/{image.name}", "null:"), server=True)
                 with qemu_nbd(image, fmt) as url:
-                    record(f"server {fmt} read qemu-nbd", timed(nbdcopy(url, "null:"), size))
+                    measure(f"server {fmt} read qemu-nbd", nbdcopy(url, "null:"), server=True)
             for fmt in ("raw", "qcow2"):
                 target_dir = work / "targets"
                 target_dir.mkdir(exist_ok=True)
@@ -263,14 +290,13 @@ def main() -> int:
                 for server in ("imgfs serve", "qemu-nbd"):
                     target.unlink(missing_ok=True)
                     run("qemu-img", "create", "-q", "-f", fmt, str(target), str(size))
+                    key = f"server {fmt} write {server}"
                     if server == "imgfs serve":
-                        ctx = imgfs_serve(target_dir)
-                        with ctx as base:
-                            value = timed(nbdcopy(str(source), f"{base}/{target.name}"), size)
+                        with imgfs_serve(target_dir) as base:
+                            measure(key, nbdcopy(str(source), f"{base}/{target.name}"), server=True)
                     else:
                         with qemu_nbd(target, fmt) as url:
-                            value = timed(nbdcopy(str(source), url), size)
-                    record(f"server {fmt} write {server}", value)
+                            measure(key, nbdcopy(str(source), url), server=True)
                     run(
                         "qemu-img",
                         "compare",
@@ -288,11 +314,14 @@ def main() -> int:
         f"size {args.size}, {args.reps} reps, median MB/s; load average at the end "
         f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs",
         "",
-        "| figure | MB/s (median) | runs |",
-        "|---|---:|---|",
+        "| figure | MB/s (median) | runs | CPU s/GiB (median; server's or client's) |",
+        "|---|---:|---|---:|",
     ]
     for key, values in results.items():
-        lines.append(f"| {key} | {median(values)} | {' '.join(f'{v:.0f}' for v in values)} |")
+        cpu = CPU_SECONDS.get(key)
+        cpu_text = f"{statistics.median(cpu):.2f}" if cpu else ""
+        runs = " ".join(f"{v:.0f}" for v in values)
+        lines.append(f"| {key} | {median(values)} | {runs} | {cpu_text} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -344,9 +344,26 @@ class _Connection:
         self.flags = 0
 
     async def send(self, *parts: bytes | bytearray | memoryview) -> None:
+        """Send the parts as one message: on a plain socket one sendmsg (a reply's header and
+        its data in one syscall; each send also pays for the kernel's receive processing)."""
         async with self.send_lock:
-            for part in parts:
-                await self.stream.send_all(part)
+            sock = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
+            if sock is None:
+                for part in parts:
+                    await self.stream.send_all(part)
+                return
+            views = [memoryview(p).cast("B") for p in parts if len(p)]
+            try:
+                while views:
+                    sent = await sock.sendmsg(views)
+                    while sent:
+                        if sent >= len(views[0]):
+                            sent -= len(views.pop(0))
+                        else:
+                            views[0] = views[0][sent:]
+                            sent = 0
+            except OSError as e:
+                raise trio.BrokenResourceError(f"send failed: {e}") from None
 
     async def run(self) -> None:
         try:
@@ -836,26 +853,25 @@ class _Connection:
         if not plan:
             await self.send_chunk(handle, P.REPLY_TYPE_NONE, b"", done=True)
             return
-        async with self.send_lock:
-            for index, (start, n, data) in enumerate(plan):
-                last = index == len(plan) - 1
-                flags = P.REPLY_FLAG_DONE if last else 0
-                if data is None:
-                    body = P.OFFSET_HOLE_BODY.pack(start, n)
-                    await self.stream.send_all(
-                        P.STRUCTURED_REPLY.pack(
-                            P.STRUCTURED_REPLY_MAGIC, flags, P.REPLY_TYPE_OFFSET_HOLE, handle,
-                            len(body),
-                        ) + body
-                    )  # fmt: skip
-                else:
-                    await self.stream.send_all(
-                        P.STRUCTURED_REPLY.pack(
-                            P.STRUCTURED_REPLY_MAGIC, flags, P.REPLY_TYPE_OFFSET_DATA, handle,
-                            8 + n,
-                        ) + P.OFFSET.pack(start)
-                    )  # fmt: skip
-                    await self.stream.send_all(data)
+        chunks: list[bytes | bytearray | memoryview] = []
+        for index, (start, n, data) in enumerate(plan):
+            flags = P.REPLY_FLAG_DONE if index == len(plan) - 1 else 0
+            if data is None:
+                body = P.OFFSET_HOLE_BODY.pack(start, n)
+                chunks.append(
+                    P.STRUCTURED_REPLY.pack(
+                        P.STRUCTURED_REPLY_MAGIC, flags, P.REPLY_TYPE_OFFSET_HOLE, handle,
+                        len(body),
+                    ) + body
+                )  # fmt: skip
+            else:
+                chunks.append(
+                    P.STRUCTURED_REPLY.pack(
+                        P.STRUCTURED_REPLY_MAGIC, flags, P.REPLY_TYPE_OFFSET_DATA, handle, 8 + n
+                    ) + P.OFFSET.pack(start)
+                )  # fmt: skip
+                chunks.append(data)
+        await self.send(*chunks)
 
     @staticmethod
     def extents(disk: Disk, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
