@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from imgfs.block.hostfile import CacheMode
+from imgfs.errors import HostIOError
 from imgfs.nbd import protocol as P
 from imgfs.remote import open_url
 from tests.oracle import (
@@ -359,6 +360,44 @@ def test_sigterm_with_clients_connected_flushes_every_image(images: Path, tmp_pa
     data = b"written, never flushed by the client" * 100
     expected[3 * MiB : 3 * MiB + len(data)] = data
     expected[9 * MiB + 5 : 9 * MiB + 23] = b"another connection"
+    e = tmp_path / "expected.raw"
+    e.write_bytes(expected)
+    assert_qemu_check_clean(qcow2, "qcow2")
+    assert_qemu_compare_identical(qcow2, e, "qcow2")
+
+
+def test_zeroing_trim_and_error_chunks(images: Path, tmp_path: Path) -> None:
+    """WRITE_ZEROES with and without NO_HOLE, FAST_ZERO, TRIM and FLUSH from imgfs's client;
+    an error chunk's message reaches the client and the connection stays usable."""
+    qcow2 = images / "z.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(qcow2), "16M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 8M", str(qcow2))
+    expected = bytearray(b"\x61" * 8 * MiB + bytes(8 * MiB))
+    with imgfs_serve(images, log=tmp_path / "serve.log") as server:
+        file = open_url(server.export("z.qcow2"), writable=True, cache=CacheMode.WRITEBACK)
+        try:
+            assert file.zero_range(1 * MiB, MiB)  # NO_HOLE: kept allocated
+            assert file.punch_hole(3 * MiB, 2 * MiB)  # may deallocate
+            expected[1 * MiB : 2 * MiB] = bytes(MiB)
+            expected[3 * MiB : 5 * MiB] = bytes(2 * MiB)
+            conn = file._conn
+            assert conn is not None
+            conn.request(P.CMD_WRITE_ZEROES, 7 * MiB, 65536, flags=P.CMD_FLAG_FAST_ZERO)
+            expected[7 * MiB : 7 * MiB + 65536] = bytes(65536)
+            assert file.trim(5 * MiB, MiB)  # content undefined afterwards: rewrite it
+            file.pwrite(5 * MiB, b"\x62" * MiB)
+            expected[5 * MiB : 6 * MiB] = b"\x62" * MiB
+            file.sync()
+            assert bytes(file.pread(0, 16 * MiB)) == bytes(expected)
+            assert file.data_extents(3 * MiB, 2 * MiB) == (False, 2 * MiB)
+            with pytest.raises(HostIOError, match="past the end"):
+                conn.request(P.CMD_READ, 16 * MiB - 10, 20, buf=memoryview(bytearray(20)))
+            with pytest.raises(HostIOError, match="past the end"):
+                conn.request(P.CMD_WRITE_ZEROES, 16 * MiB, 512)
+            assert bytes(file.pread(0, 4)) == b"\x61" * 4
+        finally:
+            file.close()
+        stopped_cleanly(server)
     e = tmp_path / "expected.raw"
     e.write_bytes(expected)
     assert_qemu_check_clean(qcow2, "qcow2")
