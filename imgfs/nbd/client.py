@@ -875,8 +875,3 @@ class NBDFile:
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
-
-
-def open_nbd(url: str, writable: bool, cache: CacheMode) -> NBDFile:
-    """The opener registered with :mod:`imgfs.remote` for every NBD scheme."""
-    return NBDFile(url, writable=writable, cache=cache)

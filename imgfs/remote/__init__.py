@@ -40,4 +40,4 @@ def open_url(url: str, *, writable: bool, cache: CacheMode) -> HostFile:
 
 
 # Protocol backends register their schemes on import.
-from imgfs import nbd as _nbd  # noqa: E402,F401
+from imgfs.remote import nbd as _nbd  # noqa: E402,F401
