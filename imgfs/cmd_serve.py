@@ -58,6 +58,13 @@ def add_parser(sub: Any) -> None:
         metavar="KEY=VALUE[,...]",
         help="format run-time options, such as l2-cache-size=SIZE",
     )
+    p.add_argument(
+        "--detect-zeroes",
+        choices=["off", "on", "unmap"],
+        default="off",
+        help="turn all-zero writes into write-zeroes (unmap: that may deallocate), as "
+        "QEMU's detect-zeroes (default: off)",
+    )
     p.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM) for STARTTLS")
     p.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
     p.add_argument(
@@ -99,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_required=args.tls,
         max_connections=args.max_connections,
+        detect_zeroes=args.detect_zeroes,
     )
     address = parse_listen(args.listen)
     check_images_dir(args.images_dir)

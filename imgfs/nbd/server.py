@@ -77,6 +77,9 @@ class ServeOptions:
     tls_key: str | None = None
     tls_required: bool = False
     max_connections: int = 64
+    #: QEMU's detect-zeroes: "off", "on" (an all-zero write becomes write-zeroes) or "unmap"
+    #: (... that may deallocate).
+    detect_zeroes: str = "off"
     max_requests: int = 16  # per connection, in flight
     max_buffered: int = 64 * 1024 * 1024  # payload bytes per connection, in flight
 
@@ -727,7 +730,10 @@ class _Connection:
                 )
                 await self.send_chunk(request.handle, P.REPLY_TYPE_BLOCK_STATUS, body, done=True)
                 return True
-            if cmd == P.CMD_WRITE:
+            if cmd == P.CMD_WRITE and self._all_zero(request.payload):
+                unmap = self.server.options.detect_zeroes == "unmap"
+                await self.server.in_thread(disk.write_zeroes, offset, length, unmap)
+            elif cmd == P.CMD_WRITE:
                 assert request.payload is not None
                 # Inline only for write-back images, and not in non-blocking mode: a write is
                 # not retried half-way (the FUSE layer runs these inline too).
@@ -760,6 +766,13 @@ class _Connection:
             log.exception("%s: unexpected error in %s", export.name, P.CMD_NAMES.get(cmd, cmd))
             await self.send_error(request, P.NBD_EIO, "internal error")
         return True
+
+    def _all_zero(self, payload: bytearray | None) -> bool:
+        """With --detect-zeroes, whether a write's payload is all zeros (count() of one byte
+        value runs at memory speed)."""
+        if self.server.options.detect_zeroes == "off" or not payload:
+            return False
+        return payload[0] == 0 and payload.count(0) == len(payload)
 
     async def call(self, inline: bool, fn: Callable[..., T], *args: Any) -> T | None:
         """``fn(*args)`` inline in non-blocking mode (None when it would block), or on a

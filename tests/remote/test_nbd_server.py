@@ -402,3 +402,17 @@ def test_zeroing_trim_and_error_chunks(images: Path, tmp_path: Path) -> None:
     e.write_bytes(expected)
     assert_qemu_check_clean(qcow2, "qcow2")
     assert_qemu_compare_identical(qcow2, e, "qcow2")
+
+
+def test_detect_zeroes_unmap(images: Path, tmp_path: Path) -> None:
+    raw = images / "dz.img"
+    data = bytearray(pattern_image(raw, 4 * MiB))
+    with imgfs_serve(images, "--detect-zeroes", "unmap", log=tmp_path / "serve.log") as server:
+        r = qemu_io(server.export("dz.img"), "write -P 0 1M 1M", "write -P 0 3M 4096")
+        assert r.returncode == 0, r.stdout + r.stderr
+        stopped_cleanly(server)
+    data[1 * MiB : 2 * MiB] = bytes(MiB)
+    data[3 * MiB : 3 * MiB + 4096] = bytes(4096)
+    assert raw.read_bytes() == data
+    runs = map_runs(str(raw), "raw")
+    assert (1 * MiB, 1 * MiB, False, True) in runs  # deallocated, not written
