@@ -11,7 +11,8 @@ Protocol: fixed newstyle handshake with NBD_OPT_GO/INFO/LIST/EXPORT_NAME/ABORT/S
 STRUCTURED_REPLY/LIST_META_CONTEXT/SET_META_CONTEXT (``base:allocation`` from the chain's block
 status); structured replies with OFFSET_HOLE chunks for zero ranges of a read and error chunks
 with messages; TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO), FLUSH and FUA mapped to the Disk (whose
-flush honours the cache mode); optional TLS (STARTTLS; ``--tls`` refuses clients without it).
+flush honours the cache mode); ``--detect-zeroes`` turns all-zero writes into write-zeroes;
+optional TLS (STARTTLS; ``--tls`` refuses clients without it).
 
 Concurrency (as the FUSE layer, measured here: a trio thread hop costs ~120 us): one trio
 thread serves every connection; a read that the page cache holds and a write-back write run
