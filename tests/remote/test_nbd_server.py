@@ -243,11 +243,22 @@ def test_tls(images: Path, tmp_path: Path) -> None:
 class RawClient:
     """Just enough of a client to send bad requests: fixed newstyle, GO, simple replies."""
 
-    def __init__(self, port: int, export: str) -> None:
+    def __init__(self, port: int, export: str, *, client_flags: int | None = None) -> None:
+        """GO by default; with ``client_flags``, the old way in: NBD_OPT_EXPORT_NAME."""
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.recv(P.GREETING.size)
-        self.sock.sendall(P.CLIENT_FLAGS.pack(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES))
         name = export.encode()
+        if client_flags is not None:
+            self.sock.sendall(
+                P.CLIENT_FLAGS.pack(client_flags)
+                + P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_EXPORT_NAME, len(name))
+                + name
+            )
+            self.size = P.EXPORT_NAME_REPLY.unpack(self.recv(P.EXPORT_NAME_REPLY.size))[0]
+            if not client_flags & P.FLAG_C_NO_ZEROES:
+                assert self.recv(P.EXPORT_NAME_PADDING) == bytes(P.EXPORT_NAME_PADDING)
+            return
+        self.sock.sendall(P.CLIENT_FLAGS.pack(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES))
         data = P.U32.pack(len(name)) + name + P.U16.pack(0)
         self.sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_GO, len(data)) + data)
         while True:
@@ -325,7 +336,12 @@ def test_bad_requests_get_errors_not_crashes(images: Path, tmp_path: Path) -> No
         with socket.create_connection(("127.0.0.1", server.port)) as s:
             s.recv(P.GREETING.size)
             s.sendall(P.CLIENT_FLAGS.pack(1) + P.OPTION_HEADER.pack(P.IHAVEOPT, P.OPT_GO, 100))
-        # still serving
+        # still serving, also to clients that enter with NBD_OPT_EXPORT_NAME
+        for flags in (0, P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
+            c = RawClient(server.port, "x.img", client_flags=flags)
+            assert c.size == MiB
+            assert c.request(P.CMD_READ, 0, 3) == 0
+            c.close()
         c = RawClient(server.port, "x.img")
         assert c.request(P.CMD_READ, 0, 3) == 0
         c.close()
