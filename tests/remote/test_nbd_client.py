@@ -14,6 +14,7 @@ import pytest
 
 from imgfs.block.hostfile import CacheMode, WouldBlock, call_nowait
 from imgfs.errors import HostIOError, NoSpace, ReadOnly, UsageError
+from imgfs.nbd import protocol as P
 from imgfs.nbd.client import NBDFile, parse_url
 from imgfs.remote import is_url, open_url
 from tests.oracle import (
@@ -341,3 +342,104 @@ def test_many_threads_big_writes_and_reads_share_one_connection(tmp_path: Path) 
     for i in range(8):
         last = bytes([i * 16 + 5]) * (4 * MiB - 512 * 5)
         assert content[i * 8 * MiB : i * 8 * MiB + len(last)] == last
+
+
+class FakeServer:
+    """A server that negotiates properly (structured replies, GO) and then answers the first
+    request with ``reply(handle, offset, length)``'s bytes: hostile or broken servers."""
+
+    def __init__(self, reply: object) -> None:
+        self.reply = reply
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    self.session(conn)
+                except OSError:
+                    pass
+
+    @staticmethod
+    def recv(conn: socket.socket, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = conn.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError
+            out += chunk
+        return out
+
+    def session(self, conn: socket.socket) -> None:
+        conn.sendall(P.GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE))
+        self.recv(conn, 4)
+        while True:
+            _, option, length = P.OPTION_HEADER.unpack(self.recv(conn, P.OPTION_HEADER.size))
+            self.recv(conn, length)
+            if option == P.OPT_GO:
+                info = P.INFO_EXPORT_BODY.pack(P.INFO_EXPORT, MiB, P.FLAG_HAS_FLAGS)
+                conn.sendall(P.OPTION_REPLY.pack(P.OPTION_REPLY_MAGIC, option, P.REP_INFO,
+                                                 len(info)) + info)  # fmt: skip
+                conn.sendall(P.OPTION_REPLY.pack(P.OPTION_REPLY_MAGIC, option, P.REP_ACK, 0))
+                break
+            conn.sendall(P.OPTION_REPLY.pack(P.OPTION_REPLY_MAGIC, option, P.REP_ACK, 0))
+        _, _, _, handle, offset, length = P.REQUEST.unpack(self.recv(conn, P.REQUEST.size))
+        conn.sendall(self.reply(handle, offset, length))  # type: ignore[operator]
+        time.sleep(0.2)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _chunk(flags: int, rtype: int, handle: int, body: bytes, length: int | None = None) -> bytes:
+    n = len(body) if length is None else length
+    return P.STRUCTURED_REPLY.pack(P.STRUCTURED_REPLY_MAGIC, flags, rtype, handle, n) + body
+
+
+HOSTILE_REPLIES = {
+    "bad magic": lambda h, o, n: b"\xde\xad\xbe\xef" + bytes(12),
+    "unknown handle": lambda h, o, n: _chunk(1, P.REPLY_TYPE_NONE, h + 1, b""),
+    "data outside the request": lambda h, o, n: _chunk(
+        1, P.REPLY_TYPE_OFFSET_DATA, h, P.OFFSET.pack(o + n) + bytes(n)
+    ),
+    "huge chunk": lambda h, o, n: _chunk(1, P.REPLY_TYPE_BLOCK_STATUS, h, b"", 0xFFFFFFFF),
+    "short read": lambda h, o, n: (
+        _chunk(0, P.REPLY_TYPE_OFFSET_DATA, h, P.OFFSET.pack(o) + bytes(n // 2))
+        + _chunk(1, P.REPLY_TYPE_NONE, h, b"")
+    ),
+    "hole chunk of bad size": lambda h, o, n: _chunk(
+        1, P.REPLY_TYPE_OFFSET_HOLE, h, P.OFFSET_HOLE_BODY.pack(o, n) + b"x"
+    ),
+    "error message longer than its chunk": lambda h, o, n: _chunk(
+        1, P.REPLY_TYPE_ERROR, h, P.ERROR_BODY.pack(5, 500) + b"oops"
+    ),
+    "unknown chunk type": lambda h, o, n: _chunk(1, 77, h, b""),
+    "simple reply with data to a structured read": lambda h, o, n: (
+        P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, h) + bytes(n)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_REPLIES))
+def test_hostile_server_replies_are_errors(case: str) -> None:
+    server = FakeServer(HOSTILE_REPLIES[case])
+    try:
+        file = NBDFile(f"nbd://127.0.0.1:{server.port}/x?timeout=3", writable=False)
+        try:
+            start = time.monotonic()
+            with pytest.raises(HostIOError):
+                file.pread(0, 4096)
+            assert time.monotonic() - start < 10
+        finally:
+            file.close()
+    finally:
+        server.close()
