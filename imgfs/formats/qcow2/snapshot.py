@@ -75,6 +75,7 @@ def read_table(drv: Qcow2Driver) -> list[Entry]:
     start = h.snapshots_offset
     if start == 0 or start >= file_size:
         raise CorruptImage(f"{path}: qcow2 snapshots_offset {start} is outside the file")
+    _check_overlaps(drv, start, L.SNAPSHOT_HEADER.size, [])  # before parsing what is there
     pos = start
     entries: list[Entry] = []
     for i in range(h.nb_snapshots):
