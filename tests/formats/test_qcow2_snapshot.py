@@ -7,8 +7,11 @@ The oracle: ``qemu-img convert -O raw -l snapshot.name=S`` for each snapshot's b
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -46,8 +49,15 @@ def imgfs_read(img: Path, snapshot: str | None = None) -> bytes:
 
 
 def assert_clean(img: Path) -> None:
-    """qemu-img check finds nothing at all: no corruption, and no leaked cluster either."""
+    """qemu-img check finds nothing at all: no corruption, and no leaked cluster either; nor
+    does imgfs's own check."""
     assert_qemu_check_clean(img, "qcow2", allow_leaks=False)
+    disk = open_disk(str(img), read_only=True)
+    try:
+        result = disk.check()
+        assert result.exit_status == 0, result.messages
+    finally:
+        disk.close()
 
 
 def assert_active(img: Path, expected: bytes, tmp: Path) -> None:
@@ -559,3 +569,111 @@ def test_snapshot_table_past_64_mib_is_refused(tmp_path: Path) -> None:
     _poke(img, 60, ">I", 65536)
     with pytest.raises(CorruptImage, match="exceeds"):
         open_disk(str(img), read_only=True)
+
+
+# -- through a real FUSE mount -------------------------------------------------------------------
+
+
+def test_mount_exports_snapshots_read_only(images: Path, mount, tmp_path: Path) -> None:
+    img = create(images / "vm.qcow2", 2 * MiB, "cluster_size=4096")
+    qemu_io(img, "write -P 1 0 1M")
+    run("qemu-img", "snapshot", "-c", "before", str(img))
+    qemu_io(img, "write -P 2 512k 1M")
+    run("qemu-img", "snapshot", "-c", "a/b", str(img))  # not a file name: exported by its id
+    qemu_io(img, "write -P 3 0 64k")
+    expected = {
+        "before": qemu_snapshot_bytes(img, "before", tmp_path),
+        "2": qemu_snapshot_bytes(img, "2", tmp_path),
+    }
+    m = mount(images)
+    assert sorted(os.listdir(m.path)) == ["vm.qcow2.raw", "vm.qcow2@2.raw", "vm.qcow2@before.raw"]
+    for key, data in expected.items():
+        exported = m.path / f"vm.qcow2@{key}.raw"
+        st = exported.stat()
+        assert st.st_size == 2 * MiB
+        assert st.st_mode & 0o222 == 0
+        assert exported.read_bytes() == data
+        with pytest.raises(OSError) as e:
+            os.open(exported, os.O_RDWR)
+        assert e.value.errno in (errno.EACCES, errno.EROFS)
+    assert "exported by its id as vm.qcow2@2.raw" in m.log_text()
+    # A real write to the active disk while a snapshot view is open: the view is unchanged.
+    view = os.open(m.path / "vm.qcow2@before.raw", os.O_RDONLY)
+    try:
+        fd = os.open(m.file("vm.qcow2"), os.O_RDWR)
+        try:
+            os.pwrite(fd, b"\x44" * 100_000, 4000)
+            os.pwrite(fd, b"\x55" * 3 * 4096, MiB + 4096)
+            os.fsync(fd)
+            assert os.pread(fd, 100_000, 4000) == b"\x44" * 100_000
+        finally:
+            os.close(fd)
+        assert os.pread(view, MiB, 0) == b"\1" * MiB
+    finally:
+        os.close(view)
+    active = bytearray(qemu_convert_raw_bytes(img, tmp_path))
+    m.umount()
+    assert_clean(img)
+    assert active[4000:104000] == b"\x44" * 100_000
+    assert_active(img, bytes(active), tmp_path)
+    assert_snapshots(img, expected, tmp_path)
+
+
+def qemu_convert_raw_bytes(img: Path, tmp: Path) -> bytes:
+    out = tmp / "active-now.raw"
+    run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(img), str(out))
+    return out.read_bytes()
+
+
+# -- snapshots with VM state (made by qemu-system-x86_64's savevm) -------------------------------
+
+
+def hmp(img: Path, *commands: str) -> str:
+    """Run HMP commands in a device-less QEMU with the image as its only drive."""
+    script = "".join(c + "\n" for c in commands) + "quit\n"
+    result = subprocess.run(
+        ["qemu-system-x86_64", "-M", "none", "-nodefaults", "-display", "none", "-S",
+         "-monitor", "stdio", "-drive", f"file={img},if=none,id=d0,format=qcow2"],
+        input=script, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_vm_state_snapshots_survive_imgfs(tmp_path: Path) -> None:
+    img = create(tmp_path / "vm.qcow2", 2 * MiB, "cluster_size=4096")
+    qemu_io(img, "write -P 1 0 1M")
+    hmp(img, "savevm with-state")
+    assert "Error" not in hmp(img, "loadvm with-state")
+    vm_entry = entries_raw(img)[0]
+    assert SNAPSHOT_ENTRY.unpack_from(vm_entry)[7] > 0  # it has VM state
+    from imgfs.cli import main
+
+    # imgfs writes the active layer, makes and deletes other snapshots around it.
+    disk = open_disk(str(img))
+    try:
+        disk.write(4096, b"\2" * MiB)
+    finally:
+        disk.close()
+    snap_cmd("-c", "disk-only", str(img))
+    assert main(["snapshot", "-d", "disk-only", str(img)]) == 0
+    snap_cmd("-c", "again", str(img))
+    assert_clean(img)
+    assert entries_raw(img)[0] == vm_entry
+    disk = open_disk(str(img), read_only=True)
+    try:
+        from imgfs.cmd_snapshot import format_list
+
+        assert format_list(disk.top.snapshots()) == qemu_list(img)
+    finally:
+        disk.close()
+    assert "Error" not in hmp(img, "loadvm with-state")  # QEMU still loads its VM state
+    assert_snapshots(img, {"with-state": b"\1" * MiB + bytes(MiB)}, tmp_path)
+    # Applying it with imgfs brings back its disk; QEMU still loads it afterwards.
+    snap_cmd("-a", "with-state", str(img))
+    assert_clean(img)
+    assert_active(img, b"\1" * MiB + bytes(MiB), tmp_path)
+    assert "Error" not in hmp(img, "loadvm with-state")
+    snap_cmd("-d", "with-state", str(img))
+    snap_cmd("-d", "again", str(img))
+    assert_clean(img)

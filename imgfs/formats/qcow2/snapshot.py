@@ -78,10 +78,11 @@ def read_table(drv: Qcow2Driver) -> list[Entry]:
     _check_overlaps(drv, start, L.SNAPSHOT_HEADER.size, [])  # before parsing what is there
     pos = start
     entries: list[Entry] = []
+    reader = _TableReader(drv, start, min(file_size, start + MAX_TABLE_BYTES))
     for i in range(h.nb_snapshots):
         if pos + L.SNAPSHOT_HEADER.size > file_size:
             raise CorruptImage(f"{path}: qcow2 snapshot table entry {i} at {pos} is past the end")
-        fixed = bytes(drv.file.pread(pos, L.SNAPSHOT_HEADER.size))
+        fixed = reader.read(pos, L.SNAPSHOT_HEADER.size)
         (l1_off, l1_size, id_len, name_len, sec, nsec, clock, vm32, extra) = (
             L.SNAPSHOT_HEADER.unpack(fixed)
         )
@@ -97,7 +98,7 @@ def read_table(drv: Qcow2Driver) -> list[Entry]:
         # qemu does not write the padding of the last entry: the file may end before it.
         if pos + used > file_size:
             raise CorruptImage(f"{path}: qcow2 snapshot table entry {i} at {pos} is past the end")
-        raw = bytes(drv.file.pread(pos, min(total, file_size - pos)))
+        raw = reader.read(pos, min(total, file_size - pos))
         raw += bytes(total - len(raw))
         body = raw[L.SNAPSHOT_HEADER.size :]
         vm_state, disk_size, icount = vm32, None, None
@@ -127,6 +128,23 @@ def read_table(drv: Qcow2Driver) -> list[Entry]:
         pos += total
     _check_overlaps(drv, start, pos - start, entries)
     return entries
+
+
+class _TableReader:
+    """Reads of the snapshot table in 1 MiB pieces (a table may hold 65536 small entries)."""
+
+    CHUNK = 1024 * 1024
+
+    def __init__(self, drv: Qcow2Driver, start: int, end: int) -> None:
+        self.file, self.end = drv.file, end
+        self.base, self.buf = start, b""
+
+    def read(self, pos: int, n: int) -> bytes:
+        if not (self.base <= pos and pos + n <= self.base + len(self.buf)):
+            self.base = pos
+            self.buf = bytes(self.file.pread(pos, max(n, min(self.CHUNK, self.end - pos))))
+        at = pos - self.base
+        return self.buf[at : at + n]
 
 
 def _check_overlaps(drv: Qcow2Driver, table_off: int, table_len: int, entries: list[Entry]) -> None:
