@@ -677,3 +677,86 @@ def test_vm_state_snapshots_survive_imgfs(tmp_path: Path) -> None:
     snap_cmd("-d", "with-state", str(img))
     snap_cmd("-d", "again", str(img))
     assert_clean(img)
+
+
+# -- a bigger matrix (slow tier) -------------------------------------------------------------------
+
+
+MATRIX = [
+    f"compat={compat},cluster_size={cs},refcount_bits={rb}" + extra
+    for compat, cs, rb, extra in [
+        ("0.10", 512, 16, ""), ("0.10", 65536, 16, ""), ("1.1", 512, 4, ""),
+        ("1.1", 4096, 8, ""), ("1.1", 65536, 32, ""), ("1.1", 2 * MiB, 16, ""),
+        ("1.1", 32768, 64, ",extended_l2=on"), ("1.1", 4096, 16, ",lazy_refcounts=on"),
+    ]
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opts", MATRIX)
+@pytest.mark.parametrize("with_backing", [False, True], ids=["plain", "backing"])
+def test_random_snapshot_workload(tmp_path: Path, opts: str, with_backing: bool) -> None:
+    """Random rounds of imgfs and qemu writes, snapshots made, applied and deleted by both;
+    after every round qemu-img check is clean and every snapshot reads as the model says."""
+    size = 5 * MiB + 3 * 512
+    rng = random.Random(opts + str(with_backing))
+    base_data = bytes(size)
+    backing = None
+    if with_backing:
+        backing = create(tmp_path / "base.qcow2", size, "cluster_size=65536")
+        qemu_io(backing, "write -P 0x61 0 2M", "write -P 0x62 3M 1M")
+        base_data = b"\x61" * 2 * MiB + bytes(MiB) + b"\x62" * MiB + bytes(size - 4 * MiB)
+    img = create(tmp_path / "m.qcow2", size, opts, backing=backing)
+    model = bytearray(base_data)
+    snapshots: dict[str, bytes] = {}
+    serial = 0
+    for _ in range(10):
+        action = rng.choice(["ours", "ours", "qemu", "snap", "qsnap", "apply", "delete"])
+        if action == "ours":
+            disk = open_disk(str(img))
+            try:
+                n = 20
+                for _ in range(n):
+                    length = rng.choice([1, 4095, 65536 + 9, 300 * KiB])
+                    off = rng.randrange(0, size - length)
+                    if rng.random() < 0.8:
+                        data = bytes([rng.randrange(1, 256)]) * length
+                        disk.write(off, data)
+                        model[off : off + length] = data
+                    else:
+                        disk.write_zeroes(off, length, may_unmap=rng.random() < 0.5)
+                        model[off : off + length] = bytes(length)
+            finally:
+                disk.close()
+        elif action == "qemu":
+            off = rng.randrange(0, size - 200 * KiB) // 512 * 512
+            value = rng.randrange(1, 256)
+            qemu_io(img, f"write -P {value} {off} 200k")
+            model[off : off + 200 * KiB] = bytes([value]) * 200 * KiB
+        elif action in ("snap", "qsnap"):
+            serial += 1
+            name = f"n{serial}"
+            if action == "snap":
+                snap_cmd("-c", name, str(img))
+            else:
+                run("qemu-img", "snapshot", "-c", name, str(img))
+            snapshots[name] = bytes(model)
+        elif snapshots:
+            name = rng.choice(sorted(snapshots))
+            who = rng.choice(["imgfs", "qemu"])
+            flag = "-a" if action == "apply" else "-d"
+            if who == "imgfs":
+                snap_cmd(flag, name, str(img))
+            else:
+                run("qemu-img", "snapshot", flag, name, str(img))
+            if action == "apply":
+                model[:] = snapshots[name]
+            else:
+                del snapshots[name]
+        assert_clean(img)
+    assert_active(img, bytes(model), tmp_path)
+    assert_snapshots(img, snapshots, tmp_path)
+    for name in list(snapshots):
+        snap_cmd("-d", name, str(img))
+    assert_clean(img)
+    assert_active(img, bytes(model), tmp_path)
