@@ -760,3 +760,61 @@ def test_random_snapshot_workload(tmp_path: Path, opts: str, with_backing: bool)
         snap_cmd("-d", name, str(img))
     assert_clean(img)
     assert_active(img, bytes(model), tmp_path)
+
+
+# -- a real image from another producer ----------------------------------------------------------
+
+
+def _sha256_imgfs(img: Path, snapshot: str | None) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    disk = open_disk(str(img), read_only=True, snapshot=snapshot)
+    try:
+        for pos in range(0, disk.size, 8 * MiB):
+            h.update(disk.read(pos, min(8 * MiB, disk.size - pos)))
+    finally:
+        disk.close()
+    return h.hexdigest()
+
+
+def _sha256_qemu(img: Path, snapshot: str | None, tmp: Path) -> str:
+    from tests.oracle import sha256_file
+
+    out = tmp / "qemu.raw"
+    args = ["qemu-img", "convert", "-f", "qcow2", "-O", "raw"]
+    if snapshot is not None:
+        args += ["-l", f"snapshot.name={snapshot}"]
+    run(*args, str(img), str(out))
+    digest = sha256_file(out)
+    out.unlink()
+    return digest
+
+
+@pytest.mark.slow  # 512 MiB disks hashed six times: ~30 s here
+def test_corpus_image_snapshots(tmp_path: Path) -> None:
+    import gzip
+
+    from tests.conftest import SHARED
+
+    img = tmp_path / "snapshot.qcow2"
+    with gzip.open(SHARED / "corpus" / "qcow2" / "dissect-hypervisor" / "snapshot.qcow2.gz") as f:
+        img.write_bytes(f.read())
+    disk = open_disk(str(img), read_only=True)
+    try:
+        names = [s.name for s in disk.top.snapshots()]
+    finally:
+        disk.close()
+    assert len(names) == 2
+    before = {n: _sha256_qemu(img, n, tmp_path) for n in names}
+    for name in names:
+        assert _sha256_imgfs(img, name) == before[name]
+    disk = open_disk(str(img))
+    try:
+        disk.write(12345, b"\x77" * 300_000)
+    finally:
+        disk.close()
+    assert_clean(img)
+    for name in names:
+        assert _sha256_qemu(img, name, tmp_path) == before[name]
+    assert _sha256_imgfs(img, None) == _sha256_qemu(img, None, tmp_path)

@@ -7,9 +7,13 @@ snapshot adds one to everything the active L1 reaches, and a cluster or L2 table
 above one is shared and copied before a write (the COPIED flag of its active L1/L2 entry is
 clear).
 
-Crash-safe update order (every arrow is a ``sync()``); a crash anywhere leaves an image that
-``qemu-img check`` finds consistent, at worst with leaked clusters (or, for delete, COPIED
-flags still clear on clusters that are no longer shared: harmless, writes just copy them):
+Crash-safe update order (every arrow is a ``sync()``). Refcounts only ever rise before the
+header points at a new structure and only fall after it stopped pointing at the old one, so
+a crash anywhere loses no data and never leaves a refcount below its references: at worst
+clusters leak, and (in the window between a refcount change and the COPIED flags that follow
+it) ``qemu-img check`` reports COPIED flags that disagree with a refcount, which
+``check -r all`` repairs; such a flag only ever makes a write copy a cluster it did not need
+to, never write into a cluster that a snapshot uses:
 
 * create: new L1 copy written and refcount *increases* (the copy's clusters, and one per
   reference of the active L1) written -> active COPIED flags cleared (L2 tables, then L1) ->
@@ -423,7 +427,7 @@ def _prepare(drv: Qcow2Driver) -> None:
 def _sync_copied_flags(drv: Qcow2Driver) -> None:
     """COPIED flags of the active L1 and its L2 tables set exactly when the refcount is one
     (the tables' changes are written by the next flush, in order)."""
-    cb, cs, step = drv.cb, drv.cs, drv.l2_words
+    cb, step = drv.cb, drv.l2_words
     for i, l1e in enumerate(drv.l1):
         l2_off = l1e & L.L1E_OFFSET_MASK
         if not l2_off:
@@ -445,7 +449,6 @@ def _sync_copied_flags(drv: Qcow2Driver) -> None:
             if new != e:
                 words[j] = new
                 table.dirty = True
-    del cs
 
 
 def create(drv: Qcow2Driver, name: str, now: float | None = None) -> SnapshotInfo:
