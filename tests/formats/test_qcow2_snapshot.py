@@ -818,3 +818,91 @@ def test_corpus_image_snapshots(tmp_path: Path) -> None:
     for name in names:
         assert _sha256_qemu(img, name, tmp_path) == before[name]
     assert _sha256_imgfs(img, None) == _sha256_qemu(img, None, tmp_path)
+
+
+def test_small_l2_cache_evicts_during_cow_and_snapshot_operations(tmp_path: Path) -> None:
+    """Eight L2 tables through a two-table cache: copies of shared tables and the snapshot
+    operations' table walks evict dirty tables all the time; the ordering must hold."""
+    size = 16 * MiB
+    img = create(tmp_path / "e.qcow2", size, "cluster_size=4096")
+    rng = random.Random(7)
+    model = bytearray(size)
+    small = {"l2-cache-size": "8k"}
+
+    def writes(n: int) -> None:
+        disk = open_disk(str(img), driver_options=small)
+        try:
+            for _ in range(n):
+                off = rng.randrange(0, size - 70_000)
+                data = bytes([rng.randrange(1, 256)]) * rng.choice([1, 5000, 70_000])
+                disk.write(off, data)
+                model[off : off + len(data)] = data
+        finally:
+            disk.close()
+
+    def op(fn, key: str) -> None:
+        disk = open_disk(str(img), driver_options=small)
+        try:
+            fn(disk.top, key)
+        finally:
+            disk.close()
+
+    writes(60)
+    op(qsnap.create, "a")
+    a = bytes(model)
+    writes(60)
+    op(qsnap.create, "b")
+    b = bytes(model)
+    writes(40)
+    assert_clean(img)
+    assert_active(img, bytes(model), tmp_path)
+    assert_snapshots(img, {"a": a, "b": b}, tmp_path)
+    op(qsnap.apply, "a")
+    model[:] = a
+    writes(30)
+    op(qsnap.delete, "b")
+    assert_clean(img)
+    assert_active(img, bytes(model), tmp_path)
+    assert_snapshots(img, {"a": a}, tmp_path)
+
+
+def test_concurrent_fuse_writers_with_a_snapshot(images: Path, mount, tmp_path: Path) -> None:
+    size = 8 * MiB
+    img = create(images / "c.qcow2", size, "cluster_size=16384")
+    qemu_io(img, "write -P 0x11 0 8M")
+    run("qemu-img", "snapshot", "-c", "base", str(img))
+    model = bytearray(b"\x11" * size)
+    m = mount(images)
+    exported = m.file("c.qcow2")
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        rng = random.Random(n)
+        fd = os.open(exported, os.O_RDWR)
+        try:
+            for _ in range(30):
+                off = n * 2 * MiB + rng.randrange(0, 2 * MiB - 100_000)
+                data = rng.randbytes(rng.choice([1, 513, 16384, 40_000, 99_999]))
+                assert os.pwrite(fd, data, off) == len(data)
+                model[off : off + len(data)] = data  # each writer owns its 2 MiB
+                assert os.pread(fd, len(data), off) == data
+            os.fsync(fd)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            os.close(fd)
+
+    import threading
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with open(m.path / "c.qcow2@base.raw", "rb") as f:
+        assert f.read() == b"\x11" * size
+    m.umount()
+    assert_clean(img)
+    assert_active(img, bytes(model), tmp_path)
+    assert_snapshots(img, {"base": b"\x11" * size}, tmp_path)
