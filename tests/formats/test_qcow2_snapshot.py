@@ -906,3 +906,79 @@ def test_concurrent_fuse_writers_with_a_snapshot(images: Path, mount, tmp_path: 
     assert_clean(img)
     assert_active(img, bytes(model), tmp_path)
     assert_snapshots(img, {"base": b"\x11" * size}, tmp_path)
+
+
+# -- running out of space ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A 3 MiB tmpfs (needs root, as loop and tmpfs mounts do here)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    point = tmp_path / "small"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(point)], check=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def _fill(directory: Path, leave: int) -> None:
+    """Use up the file system but ``leave`` bytes (whole pages)."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            while True:
+                os.write(fd, bytes(4096))
+        except OSError:
+            pass
+        os.ftruncate(fd, os.fstat(fd).st_size // 4096 * 4096 - leave)
+    finally:
+        os.close(fd)
+
+
+def test_running_out_of_space_while_copying_shared_clusters(small_fs: Path, tmp_path: Path) -> None:
+    img = create(small_fs / "t.qcow2", 8 * MiB, "cluster_size=4096")
+    qemu_io(img, "write -P 1 0 2M")
+    run("qemu-img", "snapshot", "-c", "s", str(img))
+    disk = open_disk(str(img))
+    from imgfs.errors import HostIOError
+
+    with pytest.raises(HostIOError, match="No space"):
+        try:
+            for off in range(0, 2 * MiB, 64 * KiB):
+                disk.write(off, b"\2" * 64 * KiB)
+        finally:
+            with pytest.raises(HostIOError):
+                disk.close()
+    status, data = qemu_check(img, "qcow2")
+    assert status in (0, 3) and not data.get("corruptions"), data  # leaks at most
+    assert qemu_snapshot_bytes(img, "s", tmp_path) == b"\1" * 2 * MiB + bytes(6 * MiB)
+
+
+@pytest.mark.parametrize("free_pages", [0, 1])
+def test_running_out_of_space_while_snapshotting(
+    small_fs: Path, tmp_path: Path, free_pages: int
+) -> None:
+    """No space for the L1 copy (0 pages free) or for the new snapshot table (1 page free):
+    the command fails, and the image keeps its data, its snapshot, and no corruption."""
+    img = create(small_fs / "t.qcow2", 8 * MiB, "cluster_size=4096")
+    qemu_io(img, "write -P 1 0 1M")
+    run("qemu-img", "snapshot", "-c", "old", str(img))
+    qemu_io(img, "write -P 2 0 64k")
+    _fill(small_fs, free_pages * 4096)
+    from imgfs.cli import main
+
+    assert main(["snapshot", "-c", "new", str(img)]) == 1
+    status, data = qemu_check(img, "qcow2")
+    # No room for the L1 copy: nothing changed. No room for the table: the L1 copy and the
+    # raised refcounts are leaked (the header never pointed at them).
+    assert status == (0 if free_pages == 0 else 3) and not data.get("corruptions"), data
+    assert [line.split()[1] for line in qemu_list(img).splitlines()[2:]] == ["old"]
+    assert qemu_snapshot_bytes(img, "old", tmp_path)[: 2 * MiB] == b"\1" * MiB + bytes(MiB)
+    expected = bytearray(8 * MiB)
+    expected[:MiB] = b"\1" * MiB
+    expected[: 64 * KiB] = b"\2" * 64 * KiB
+    assert imgfs_read(img) == bytes(expected)

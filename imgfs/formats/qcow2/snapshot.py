@@ -306,22 +306,28 @@ class _Refs:
                         )
                     self.add(host, cs, f"{what} data cluster")
 
+    def check_increase(self) -> None:
+        """Raise (changing nothing) if adding the counts would overflow a refcount."""
+        drv = self.drv
+        counts = self.counts
+        for c in range(len(counts)):
+            if counts[c]:
+                block, i = drv._refblock_for(c)
+                if block is None:
+                    raise CorruptImage(f"{drv.file.path}: qcow2 cluster {c} has no refcount")
+                if block.get(i) + counts[c] > block.max_value:
+                    raise NoSpace(
+                        f"{drv.file.path}: refcount of cluster {c} would overflow "
+                        f"({drv.refcount_bits}-bit refcounts)"
+                    )
+
     def apply(self, sign: int) -> list[int]:
         """Add ``sign`` times the counts to the refcounts; returns the clusters now free.
         Increases are checked for overflow first, so nothing changes when one would."""
         drv = self.drv
         counts = self.counts
         if sign > 0:
-            for c in range(len(counts)):
-                if counts[c]:
-                    block, i = drv._refblock_for(c)
-                    if block is None:
-                        raise CorruptImage(f"{drv.file.path}: qcow2 cluster {c} has no refcount")
-                    if block.get(i) + counts[c] > block.max_value:
-                        raise NoSpace(
-                            f"{drv.file.path}: refcount of cluster {c} would overflow "
-                            f"({drv.refcount_bits}-bit refcounts)"
-                        )
+            self.check_increase()
         freed = []
         for c in range(len(counts)):
             if counts[c]:
@@ -400,6 +406,19 @@ def _write_table(drv: Qcow2Driver, raws: list[bytes]) -> None:
         drv.file.sync()
 
 
+def _write_new_l1(drv: Qcow2Driver, l1: array) -> int:
+    """Write an L1 table into newly allocated clusters (refcounts written and synced)."""
+    clusters = max(1, -(-len(l1) * 8 // drv.cs))
+    offset = drv._alloc_contiguous(clusters)
+    data = encode_u64(l1)
+    drv.file.pwrite(offset, data + bytes(clusters * drv.cs - len(data)))
+    if drv.file.size() < offset + clusters * drv.cs:
+        drv.file.truncate(offset + clusters * drv.cs)
+    drv._write_refcounts()
+    drv.file.sync()
+    return offset
+
+
 def _switch_header(drv: Qcow2Driver, fields: dict[int, bytes]) -> None:
     """Rewrite header fields with one write of the first sector (atomic on every disk)."""
     sector = bytearray(drv.file.pread(0, SECTOR))
@@ -411,6 +430,27 @@ def _switch_header(drv: Qcow2Driver, fields: dict[int, bytes]) -> None:
 
 def _set_entries(drv: Qcow2Driver, entries: list[Entry]) -> None:
     drv.snapshot_entries = entries
+
+
+class _Operation:
+    """The metadata lock for one snapshot operation. If the operation fails half-way, the
+    driver's in-memory metadata no longer matches a state worth writing: the driver turns
+    read-only so that nothing more is flushed; the file holds the last consistent state the
+    update order left (see the top of this module)."""
+
+    def __init__(self, drv: Qcow2Driver) -> None:
+        self.drv = drv
+
+    def __enter__(self) -> None:
+        self.drv._lock.acquire()
+
+    def __exit__(self, kind: object, error: object, tb: object) -> None:
+        try:
+            if error is not None and not isinstance(error, InvalidRequest):
+                self.drv.read_only = True
+                self.drv.notes.append(f"a snapshot operation failed ({error}): now read-only")
+        finally:
+            self.drv._lock.release()
 
 
 def _prepare(drv: Qcow2Driver) -> None:
@@ -453,7 +493,7 @@ def _sync_copied_flags(drv: Qcow2Driver) -> None:
 
 def create(drv: Qcow2Driver, name: str, now: float | None = None) -> SnapshotInfo:
     """Snapshot the active layer as ``name`` (disk only: no VM state)."""
-    with drv._lock:
+    with _Operation(drv):
         _prepare(drv)
         entries = drv.snapshot_entries
         if not name or "\0" in name or len(name.encode()) > MAX_ID_OR_NAME:
@@ -467,15 +507,11 @@ def create(drv: Qcow2Driver, name: str, now: float | None = None) -> SnapshotInf
         # The copy of the L1 table (COPIED flags mean nothing in an inactive table: cleared).
         l1_copy = array(drv.l1.typecode, (e & ~L.OFLAG_COPIED for e in drv.l1))
         l1_size = len(l1_copy)
+        refs.check_increase()
+        # New space first (the L1 copy), so that running out of it leaves a leak at worst;
+        # the refcount increases and COPIED flags then only rewrite clusters in place.
+        l1_off = _write_new_l1(drv, l1_copy) if l1_size else 0
         refs.apply(+1)
-        l1_off = 0
-        if l1_size:
-            clusters = -(-l1_size * 8 // drv.cs)
-            l1_off = drv._alloc_contiguous(clusters)
-            data = encode_u64(l1_copy)
-            drv.file.pwrite(l1_off, data + bytes(clusters * drv.cs - len(data)))
-            if drv.file.size() < l1_off + clusters * drv.cs:
-                drv.file.truncate(l1_off + clusters * drv.cs)
         drv._write_refcounts()
         drv.file.sync()
         # Everything the active L1 reaches is shared now.
@@ -505,7 +541,7 @@ def _decode_new(drv: Qcow2Driver, raw: bytes) -> Entry:
 
 def delete(drv: Qcow2Driver, key: str) -> SnapshotInfo:
     """Delete snapshot ``key`` (id or name): drop its references."""
-    with drv._lock:
+    with _Operation(drv):
         _prepare(drv)
         entries = drv.snapshot_entries
         e = find(entries, key)
@@ -533,7 +569,7 @@ def delete(drv: Qcow2Driver, key: str) -> SnapshotInfo:
 
 def apply(drv: Qcow2Driver, key: str) -> SnapshotInfo:
     """Make snapshot ``key`` (id or name) the active layer; the snapshot stays."""
-    with drv._lock:
+    with _Operation(drv):
         _prepare(drv)
         e = find(drv.snapshot_entries, key)
         if e is None:
@@ -551,13 +587,9 @@ def apply(drv: Qcow2Driver, key: str) -> SnapshotInfo:
         minus.add_l1(drv.l1, "active")
         if drv.h.l1_size:
             minus.add(drv.h.l1_table_offset, drv.h.l1_size * 8, "active L1 table")
+        plus.check_increase()
+        l1_off = _write_new_l1(drv, new_l1)
         plus.apply(+1)
-        clusters = max(1, -(-len(new_l1) * 8 // drv.cs))
-        l1_off = drv._alloc_contiguous(clusters)
-        data = encode_u64(new_l1)
-        drv.file.pwrite(l1_off, data + bytes(clusters * drv.cs - len(data)))
-        if drv.file.size() < l1_off + clusters * drv.cs:
-            drv.file.truncate(l1_off + clusters * drv.cs)
         drv._write_refcounts()
         drv.file.sync()
         header = {
