@@ -18,6 +18,7 @@ from imgfs.block.disk import open_disk
 from imgfs.block.driver import CheckResult, ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
 from imgfs.cmd_serve import add_parser as add_serve_subcommand
+from imgfs.cmd_snapshot import add_parser as add_snapshot_parser
 from imgfs.emulation.cli import add_subcommands as add_emulation_subcommands
 from imgfs.errors import ImgfsError, Unsupported, UsageError
 
@@ -448,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("destination", metavar="DST")
     p.set_defaults(func=cmd_convert)
 
+    add_snapshot_parser(sub)
     add_emulation_subcommands(sub)  # replay, trace import
     add_serve_subcommand(sub)  # serve (NBD)
     return parser

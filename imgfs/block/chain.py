@@ -19,7 +19,7 @@ from imgfs.block import registry
 from imgfs.block.driver import BlockDriver, OpenOptions
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import CacheMode, HostFile
-from imgfs.errors import CorruptImage, HostIOError, ImgfsError, NotPermitted
+from imgfs.errors import CorruptImage, HostIOError, ImgfsError, InvalidRequest, NotPermitted
 
 # Deep enough for any real chain; it bounds open files and recursion for hostile ones.
 MAX_CHAIN_DEPTH = 64
@@ -69,11 +69,15 @@ def open_chain(
     cache: CacheMode = CacheMode.WRITEBACK,
     containment: Containment | None = None,
     driver_options: Mapping[str, str] | None = None,
+    snapshot: str | None = None,
 ) -> BlockDriver:
-    """Open ``path`` (format ``fmt``, or probed) and its whole backing chain.
+    """Open ``path`` (format ``fmt``, or probed) and its whole backing chain; ``snapshot``
+    (an id or name) opens that internal snapshot of the top image instead, read-only.
 
     Returns the top driver; its ``backing`` attribute links down the chain.
     """
+    if snapshot is not None:
+        read_only = True
     containment = containment or Containment()
     seen: set[str] = set()
     top: BlockDriver | None = None
@@ -86,10 +90,13 @@ def open_chain(
                 raise CorruptImage(f"{path}: backing chain loops back to {current_path}")
             seen.add(real)
             driver = _open_one(
-                current_path, current_fmt, writable, cache, containment, driver_options or {}
-            )
+                current_path, current_fmt, writable, cache, containment, driver_options or {},
+                snapshot if parent is None else None,
+            )  # fmt: skip
             if parent is None:
                 top = driver
+                if snapshot is not None and not driver.snapshots():
+                    raise InvalidRequest(f"{path}: the image has no snapshot {snapshot!r}")
             else:
                 _attach(parent, driver)
             parent = driver
@@ -138,6 +145,7 @@ def _open_one(
     cache: CacheMode,
     containment: Containment,
     driver_options: Mapping[str, str],
+    snapshot: str | None = None,
 ) -> BlockDriver:
     probed = fmt is None
     probe_is_raw = None
@@ -166,6 +174,7 @@ def _open_one(
         probe_is_raw=probe_is_raw,
         open_file=open_companion,
         driver_options=driver_options,
+        snapshot=snapshot,
     )
     try:
         return driver_cls.open(file, options)

@@ -171,8 +171,10 @@ def open_disk(
     cache: CacheMode = CacheMode.WRITEBACK,
     containment: chain.Containment | None = None,
     driver_options: Mapping[str, str] | None = None,
+    snapshot: str | None = None,
 ) -> Disk:
-    """Open an image and its backing chain as a Disk."""
+    """Open an image and its backing chain as a Disk (``snapshot``: an internal snapshot of
+    it, by id or name, read-only)."""
     top = chain.open_chain(
         path,
         fmt,
@@ -180,5 +182,6 @@ def open_disk(
         cache=cache,
         containment=containment,
         driver_options=driver_options,
+        snapshot=snapshot,
     )
     return Disk(top, cache, os.path.basename(path))

@@ -75,10 +75,28 @@ class OpenOptions:
     #: Format-specific run-time options (``-o key=value`` of ``imgfs mount``/``info``), such as
     #: qcow2's ``l2-cache-size``. A driver ignores keys it does not know.
     driver_options: Mapping[str, str] = field(default_factory=dict)
+    #: Open this internal snapshot (by id, or else by name) instead of the active layer,
+    #: read-only. A driver without snapshots leaves ``snapshots()`` empty and the chain layer
+    #: refuses the open.
+    snapshot: str | None = None
 
     def size_option(self, key: str, default: int) -> int:
         """A byte-count run-time option (``8M``, ``65536``), or ``default`` when not given."""
         return size_option(self.driver_options, key, default)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """One internal snapshot of an image (the fields ``qemu-img snapshot -l`` shows)."""
+
+    id: str
+    name: str
+    virtual_size: int
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size: int = 0
+    icount: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +288,11 @@ class BlockDriver(ABC):
         whether or not the backing image was linked.
         """
         self.backing = backing
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """The image's internal snapshots (each can be opened read-only with
+        ``OpenOptions.snapshot``). Formats without them return []."""
+        return []
 
     # -- data -----------------------------------------------------------------------------------
 

@@ -149,6 +149,8 @@ class ImageFS(pyfuse3.Operations):
     async def _refresh(self, node: Node) -> None:
         """Re-read one closed image's size, times and mode after imgfs changed it (a full rescan
         per close would cost a directory scan on every last release)."""
+        if node.entry.snapshot is not None:
+            return  # a read-only snapshot export: nothing changed
         async with self._scan_lock:
             entry = await self.in_thread(self.scanner.refresh, node.entry.source_name)
         if entry is not None and node.open_image is None:
@@ -365,6 +367,7 @@ class ImageFS(pyfuse3.Operations):
                 cache=self.options.cache,
                 containment=self.containment,
                 driver_options=self.options.driver_options,
+                snapshot=entry.snapshot,
             )
         )
 

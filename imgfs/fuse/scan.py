@@ -9,6 +9,10 @@ A disk that another disk in the directory uses as its backing image is exported 
 (unless the mount says otherwise): writing a base image silently corrupts every overlay on it.
 A Parallels Desktop bundle (a ``NAME.hdd`` directory holding ``DiskDescriptor.xml``) is one disk,
 opened through its descriptor.
+
+Each internal snapshot of a disk (qcow2) is exported read-only beside it as
+``NAME@SNAPSHOT.raw``, or ``NAME@ID.raw`` when the snapshot's name is not a usable file name
+(empty, holding ``/`` or NUL, too long, or shared with another snapshot of the disk).
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ import stat
 from dataclasses import dataclass
 
 from imgfs.block import chain, registry
+from imgfs.block.driver import SnapshotInfo
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import ImgfsError
 
 log = logging.getLogger(__name__)
 
 EXPORT_SUFFIX = ".raw"
+SNAPSHOT_SEPARATOR = "@"
+NAME_MAX = 255
 
 # Names that are raw disks whatever their size.
 RAW_DISK_EXTENSIONS = frozenset(
@@ -68,6 +75,7 @@ class ImageEntry:
     source_name: str = ""  # the entry in IMAGES_DIR (a file, or a bundle directory)
     # Why a writable image is exported read-only anyway (it is another disk's backing image).
     read_only_reason: str | None = None
+    snapshot: str | None = None  # the id of the internal snapshot this export shows
 
 
 @dataclass(slots=True)
@@ -78,6 +86,7 @@ class _Probed:
     companions: tuple[str, ...]
     error: str | None
     backing_files: tuple[str, ...] = ()  # real paths of every image under this one
+    snapshots: tuple[SnapshotInfo, ...] = ()
 
 
 class DirectoryScanner:
@@ -122,7 +131,42 @@ class DirectoryScanner:
             entry = self._entry(name, st, probed)
             if entry is not None:
                 entries[entry.name] = entry
+                for snap in self._snapshot_entries(entry, probed):
+                    entries.setdefault(snap.name, snap)
         return entries
+
+    def _snapshot_entries(self, entry: ImageEntry, probed: _Probed) -> list[ImageEntry]:
+        """Read-only exports of the image's internal snapshots."""
+        out: list[ImageEntry] = []
+        names = [s.name for s in probed.snapshots]
+        base = entry.source_name + SNAPSHOT_SEPARATOR
+        for snap in probed.snapshots:
+            label = snap.name
+            exported = base + label + EXPORT_SUFFIX
+            problem = None
+            if not label or "/" in label or "\0" in label:
+                problem = "is not a usable file name"
+            elif names.count(label) > 1:
+                problem = "is shared by several snapshots"
+            elif len(os.fsencode(exported)) > NAME_MAX:
+                problem = "is too long for a file name"
+            if problem is not None:
+                exported = base + snap.id + EXPORT_SUFFIX
+                if "/" in snap.id or "\0" in snap.id or len(os.fsencode(exported)) > NAME_MAX:
+                    self._report_once(entry.source_name, f"snapshot {snap.id!r} not exported: "
+                                      "neither its name nor its id is a usable file name",
+                                      level=logging.WARNING)  # fmt: skip
+                    continue
+                self._report_once(
+                    entry.source_name,
+                    f"snapshot name {label!r} {problem}: exported by its id as {exported}",
+                    level=logging.INFO,
+                )
+            out.append(
+                ImageEntry(exported, entry.path, entry.format, snap.virtual_size, False, entry.st,
+                           entry.source_name, "it is an internal snapshot", snap.id)
+            )  # fmt: skip
+        return out
 
     def refresh(self, name: str) -> ImageEntry | None:
         """One image file again (after imgfs changed it), without rescanning the directory."""
@@ -214,7 +258,8 @@ class DirectoryScanner:
         try:
             backing = tuple(os.path.realpath(n.file.path) for n in list(chain.layers(top))[1:])
             return _Probed(
-                fmt, top.virtual_size, driver_cls.supports_write, companions, None, backing
-            )
+                fmt, top.virtual_size, driver_cls.supports_write, companions, None, backing,
+                tuple(top.snapshots()),
+            )  # fmt: skip
         finally:
             chain.close_chain(top)

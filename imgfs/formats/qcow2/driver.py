@@ -25,8 +25,13 @@ Other choices:
   (inconsistent) in the bitmap directory, as QEMU itself does while it has an image open for
   writing; the bitmaps auto-clear bit stays, so ``qemu-img check`` still counts their clusters;
 * unknown auto-clear bits are cleared on a writable open (the spec's rule);
-* images with internal snapshots, or with the corrupt bit, open read-only (with a note);
-  a dirty image opened for writing has its refcounts rebuilt first (``check -r all``);
+* images with the corrupt bit open read-only (with a note); a dirty image opened for writing
+  has its refcounts rebuilt first (``check -r all``);
+* internal snapshots (:mod:`~imgfs.formats.qcow2.snapshot`): clusters and L2 tables whose
+  active entry has the COPIED flag clear are shared with a snapshot and copied before a write
+  (an L2 table when one of its entries changes); the shared original only loses the active
+  layer's reference, deferred like any free. ``OpenOptions.snapshot`` opens a snapshot's own
+  L1 table read-only;
 * ``cheap_reads`` is False for zstd images and for images whose first L2 tables hold
   compressed clusters (reads then decompress on the worker pool);
 * reads map under the metadata lock and do their I/O outside it; freeing clusters waits for
@@ -62,11 +67,13 @@ from imgfs.block.driver import (
     OpenOptions,
     ProbeInput,
     RepairMode,
+    SnapshotInfo,
 )
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.errors import CorruptImage, InvalidRequest, NoSpace, Unsupported
 from imgfs.formats.qcow2 import layout as L
+from imgfs.formats.qcow2 import snapshot as snap
 from imgfs.formats.qcow2.cache import (
     U64_CODE,
     L2Table,
@@ -118,8 +125,9 @@ class Qcow2Driver(BlockDriver):
         self.data_file_raw = bool(header.autoclear & L.AUTOCLEAR_DATA_FILE_RAW)
         self.backing_name: str | None = None
         self.backing_fmt: str | None = None
-        self.snapshots: list[L.Snapshot] = []
+        self.snapshot_entries: list[snap.Entry] = []
         self.snapshot_table_size = 0
+        self.view_of: str | None = None  # the snapshot id this driver shows, if not the active
         self.bitmaps: list[L.BitmapEntry] = []
         self.bitmap_directory_offset = 0
         self._bitmaps_marked = False
@@ -229,13 +237,8 @@ class Qcow2Driver(BlockDriver):
                 self.notes.append("the image is marked corrupt: opened read-only")
             self.read_only = True
         if h.nb_snapshots:
-            self.snapshots = self._read_snapshots(file_size)
-            if not self.read_only:
-                self.notes.append(
-                    "the image has internal snapshots: opened read-only (writing images with "
-                    "snapshots is not supported yet)"
-                )
-                self.read_only = True
+            self.snapshot_entries = snap.read_table(self)
+            self.snapshot_table_size = sum(len(e.raw) for e in self.snapshot_entries)
         # L1 table.
         l1_bytes = h.l1_size * 8
         if h.l1_size and (h.l1_table_offset == 0 or h.l1_table_offset >= max(file_size, cs)):
@@ -252,6 +255,8 @@ class Qcow2Driver(BlockDriver):
                 f"{path}: qcow2 refcount_table_offset {h.refcount_table_offset} is past the end"
             )
         self.reftable = decode_u64(self.file.pread(h.refcount_table_offset, rt_bytes))
+        if self.options.snapshot is not None:
+            snap.open_view(self, self.options.snapshot)
         # Bitmaps.
         ext = h.extension(L.EXT_BITMAPS)
         if ext is not None and h.autoclear & L.AUTOCLEAR_BITMAPS:
@@ -284,25 +289,6 @@ class Qcow2Driver(BlockDriver):
                 break
         return False
 
-    def _read_snapshots(self, file_size: int) -> list[L.Snapshot]:
-        h = self.h
-        pos = h.snapshots_offset
-        buf = bytearray()
-        # Each entry: a fixed part, then extra data, id and name of announced lengths.
-        for _ in range(h.nb_snapshots):
-            fixed = bytes(self.file.pread(pos, L.SNAPSHOT_HEADER.size))
-            (_, _, id_len, name_len, _, _, _, _, extra) = L.SNAPSHOT_HEADER.unpack(fixed)
-            if extra > 1024:
-                raise CorruptImage(f"{self.file.path}: qcow2 snapshot extra data {extra} too big")
-            total = L.SNAPSHOT_HEADER.size + extra + id_len + name_len
-            total += -total % 8
-            if pos + total > file_size:
-                raise CorruptImage(f"{self.file.path}: qcow2 snapshot table past end of file")
-            buf += self.file.pread(pos, total)
-            pos += total
-        self.snapshot_table_size = pos - h.snapshots_offset
-        return L.parse_snapshots(bytes(buf), h.nb_snapshots, self.file.path)
-
     def _open_for_write(self) -> None:
         h = self.h
         if h.incompatible & L.INCOMPAT_DIRTY:
@@ -333,6 +319,9 @@ class Qcow2Driver(BlockDriver):
         if self.backing_name is None:
             return None
         return BackingSpec(self.backing_name, self.backing_fmt)
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        return [snap.info_of(self, e) for e in self.snapshot_entries]
 
     # -- metadata access ------------------------------------------------------------------------
 
@@ -378,7 +367,7 @@ class Qcow2Driver(BlockDriver):
                     f"{self.file.path}: qcow2 L2 table offset {offset} is past the end of file"
                 )
             if allocate and not l1e & L.OFLAG_COPIED:
-                raise Unsupported(f"{self.file.path}: shared L2 tables (snapshots) are read-only")
+                return snap.cow_l2_table(self, l1_index, offset)  # shared with a snapshot
             return self.l2_cache.get(offset)
         if not allocate:
             return None
@@ -859,6 +848,8 @@ class Qcow2Driver(BlockDriver):
         in place (allocated, not shared, not compressed), else None."""
         if entry & L.OFLAG_COMPRESSED or not entry & L.OFLAG_COPIED:
             return None
+        if not self.l1[start >> (self.cb + self.l2_bits)] & L.OFLAG_COPIED:
+            return None  # a shared L2 table: its entries' COPIED flags are not to be trusted
         host = entry & L.L2E_OFFSET_MASK
         if not host and self.data_file is None:
             return None
@@ -1359,6 +1350,8 @@ class Qcow2Driver(BlockDriver):
         if new_size % 512 or new_size < 0:
             raise InvalidRequest(f"{self.file.path}: size {new_size} is not a multiple of 512")
         old_size = self.h.size
+        if new_size < old_size and self.snapshot_entries:
+            raise Unsupported(f"{self.file.path}: cannot shrink an image that has snapshots")
         with self._lock:
             need = -(-new_size // (self.l2_entries * self.cs))
             if need * 8 > L.MAX_L1_BYTES:
@@ -1560,16 +1553,16 @@ class Qcow2Driver(BlockDriver):
         spec["l2-cache-size"] = self.l2_cache_bytes
         snapshots = [
             {
-                "icount": 0,
-                "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-                "name": s.name,
-                "date-sec": s.date_sec,
-                "date-nsec": s.date_nsec,
-                "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000,
-                "id": s.id,
-                "vm-state-size": s.vm_state_size,
+                **({"icount": e.icount} if e.icount is not None else {}),
+                "vm-clock-nsec": e.snap.vm_clock_nsec % 1_000_000_000,
+                "name": e.snap.name,
+                "date-sec": e.snap.date_sec,
+                "date-nsec": e.snap.date_nsec,
+                "vm-clock-sec": e.snap.vm_clock_nsec // 1_000_000_000,
+                "id": e.snap.id,
+                "vm-state-size": e.snap.vm_state_size,
             }
-            for s in self.snapshots
+            for e in self.snapshot_entries
         ]
         return ImageInfo(
             filename=self.file.path,
@@ -1590,6 +1583,8 @@ class Qcow2Driver(BlockDriver):
 
         if repair is not RepairMode.NONE:
             self._writable()
+        if self.view_of is not None:
+            raise Unsupported(f"{self.file.path}: check the image, not its snapshot {self.view_of}")
         with self._lock:
             # Deferred frees and dirty tables first, so on-disk and in-memory state agree.
             self._flush_locked()
