@@ -13,10 +13,11 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from imgfs import __version__
+from imgfs import __version__, cmd_map
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import CheckResult, ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
+from imgfs.dedup import command as cmd_dedup
 from imgfs.emulation.cli import add_subcommands as add_emulation_subcommands
 from imgfs.errors import ImgfsError, Unsupported, UsageError
 
@@ -448,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     add_emulation_subcommands(sub)  # replay, trace import
+    cmd_map.add_parser(sub)
+    cmd_dedup.add_parser(sub)
     return parser
 
 

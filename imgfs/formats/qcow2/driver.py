@@ -428,22 +428,25 @@ class Qcow2Driver(BlockDriver):
             raise CorruptImage(f"{self.file.path}: qcow2 data cluster offset {host} unaligned")
         if self.extl2:
             alloc = (bitmap >> sub) & 1
+            # A zero or unallocated subcluster of an allocated cluster keeps its host offset
+            # (block status reports it, as qemu-img map does).
+            sub_host = host + (sub << self.sub_bits) if host else 0
             if (bitmap >> (32 + sub)) & 1:
                 if alloc:
                     raise CorruptImage(
                         f"{self.file.path}: qcow2 subcluster both allocated and zero "
                         f"(bitmap 0x{bitmap:016x})"
                     )
-                return ZERO, 0
+                return ZERO, sub_host
             if alloc:
                 if not host and self.data_file is None:
                     raise CorruptImage(
                         f"{self.file.path}: qcow2 allocated subcluster without a host offset"
                     )
                 return DATA, host + (sub << self.sub_bits)
-            return UNALLOC, 0
+            return UNALLOC, sub_host
         if entry & L.OFLAG_ZERO and self.v3:
-            return ZERO, 0
+            return ZERO, host  # a preallocated zero cluster keeps its host cluster
         if host or (self.data_file is not None and entry & L.OFLAG_COPIED):
             return DATA, host
         return UNALLOC, 0
@@ -484,9 +487,19 @@ class Qcow2Driver(BlockDriver):
                     host += p & in_mask
                     if host + (q - p) > L.MAX_HOST_OFFSET:
                         raise CorruptImage(f"{self.file.path}: qcow2 host offset {host} invalid")
+                elif kind != COMPRESSED and host:
+                    host += p & in_mask  # a zero/unallocated range with a host cluster
                 if out:
                     lk, lg, ll, lh = out[-1]
-                    if lk == kind and kind != COMPRESSED and (kind != DATA or lh + ll == host):
+                    if (
+                        lk == kind
+                        and kind != COMPRESSED
+                        and (
+                            lh + ll == host
+                            if kind == DATA or (lh and host)
+                            else not lh and not host
+                        )
+                    ):
                         out[-1] = (lk, lg, ll + q - p, lh)
                         continue
                 out.append((kind, p, q - p, host))
@@ -670,8 +683,8 @@ class Qcow2Driver(BlockDriver):
                 total += m
             return Extent(offset, total, Allocation.DATA)
         if kind == ZERO:
-            return Extent(offset, n, Allocation.ZERO)
-        return Extent(offset, n, Allocation.UNALLOCATED)
+            return Extent(offset, n, Allocation.ZERO, host_offset=host or None)
+        return Extent(offset, n, Allocation.UNALLOCATED, host_offset=host or None)
 
     # -- refcounts ------------------------------------------------------------------------------
 
