@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from imgfs import __version__, cmd_map
+from imgfs.block import chain
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import CheckResult, ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
@@ -200,22 +201,37 @@ def _print_info(info: ImageInfo) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from imgfs import info_alloc
+
     disk = open_disk(args.image, args.format, read_only=True)
     try:
         infos = disk.info()
+        layers = list(chain.layers(disk.top))[: len(infos) if args.backing_chain else 1]
+        allocation = [info_alloc.summarize(layer) for layer in layers]
     finally:
         disk.close()
     if not args.backing_chain:
         infos = infos[:1]
     if args.output == "json":
-        data = [i.to_qemu_json() for i in infos]
+        data = [i.to_qemu_json() | {"imgfs-allocation": a.to_json()}
+                for i, a in zip(infos, allocation, strict=True)]  # fmt: skip
         print(json.dumps(data if args.backing_chain else data[0], indent=4))
     else:
         for n, info in enumerate(infos):
             if n:
                 print()
             _print_info(info)
+            _print_allocation(allocation[n])
     return 0
+
+
+def _print_allocation(a: Any) -> None:
+    """imgfs's allocation lines (after qemu-img's fields)."""
+    print(f"data in this image: {_human_size(a.data)}; zeros: {_human_size(a.zero)}; "
+          f"from the backing chain: {_human_size(a.backing)}; "
+          f"unallocated: {_human_size(a.unallocated)}")  # fmt: skip
+    if a.host_shared:
+        print(f"host bytes shared with other files (reflink): {_human_size(a.host_shared)}")
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ for images of many formats made by qemu-img and qemu-io."""
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from collections.abc import Callable
 from contextlib import redirect_stdout
@@ -237,3 +238,29 @@ def test_map_of_corpus_images_equals_qemu(path: str, fmt: str) -> None:
         result = qemu_img("map", *args, check=False)
         status, got = imgfs_out("map", *args)
         assert (status, got) == (1 if result.returncode else 0, result.stdout), args
+
+
+@pytest.mark.parametrize(
+    "case", ["qcow2-plain-chain", "qcow2-v3-chain", "qcow2-short-backing", "qed-chain",
+             "vmdk-overlay", "raw-sparse", "qcow2-prealloc-falloc"]
+)  # fmt: skip
+def test_info_allocation_agrees_with_qemu_map(case: str, tmp_path: Path) -> None:
+    """imgfs info's allocation summary, recomputed from qemu-img map of the same image: data
+    is what depth 0 holds, zero what depth 0 marks as zeros, backing what deeper layers hold,
+    unallocated what no layer has."""
+    image, fmt = BUILDERS[case](tmp_path)
+    want = {"data": 0, "zero": 0, "backing": 0, "unallocated": 0}
+    for e in json.loads(qemu_img("map", "--output=json", "-f", fmt, str(image)).stdout):
+        if not e["present"]:
+            want["unallocated"] += e["length"]
+        elif e["depth"] > 0:
+            want["backing"] += e["length"]
+        elif e["data"]:
+            want["data"] += e["length"]
+        else:
+            want["zero"] += e["length"]
+    status, out = imgfs_out("info", "--output=json", "-f", fmt, str(image))
+    assert status == 0
+    got = json.loads(out)["imgfs-allocation"]
+    assert {k: got[k] for k in want} == want
+    assert got["host-shared"] in (0, None)
