@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from imgfs.create import parse_size
@@ -116,6 +117,7 @@ def _run(
             "skipped": skipped,
         }
         if not args.dry_run and plans:
+            started = time.monotonic()
             done = rebase.execute(directory, plans, block_size, index, control)
             report["rebase"].update(
                 {
@@ -124,7 +126,8 @@ def _run(
                     "failed": done.failed,
                     "allocated-before": done.allocated_before,
                     "allocated-after": done.allocated_after,
-                }  # fmt: skip
+                    "seconds": round(time.monotonic() - started, 3),
+                }
             )
             # The rewritten images and the new bases: list them again (hashes come from the
             # index, which rebase kept current).
@@ -134,7 +137,7 @@ def _run(
         report["fideduperange"] = {
             "ranges-shared": done_r.ranges_shared, "bytes-shared": done_r.bytes_shared,
             "ranges-differ": done_r.ranges_differ, "errors": done_r.errors,
-            "unsupported": done_r.unsupported,
+            "unsupported": done_r.unsupported, "seconds": round(done_r.seconds, 3),
         }  # fmt: skip
 
 

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 
 from imgfs.block import chain
@@ -31,8 +32,9 @@ DEDUPE_RANGE = struct.Struct("=QQHHI")
 DEDUPE_INFO = struct.Struct("=qQQiI")
 FIDEDUPERANGE = (3 << 30) | (DEDUPE_RANGE.size << 16) | (0x94 << 8) | 54  # _IOWR(0x94, 54, ...)
 RANGE_SAME, RANGE_DIFFERS = 0, 1
-# Destinations per ioctl (the kernel caps a call's work; a small batch keeps each call short).
-MAX_DESTS = 16
+# One call shares at most this much (btrfs caps a dedupe call at 16 MiB; short calls also let
+# a signal stop the run soon).
+MAX_RANGE = 16 * 1024 * 1024
 FS_BLOCK = 4096
 
 
@@ -70,6 +72,7 @@ class ReflinkResult:
     ranges_differ: int = 0
     errors: list[str] = field(default_factory=list)
     unsupported: str | None = None
+    seconds: float = 0.0  # finding host ranges and sharing them
 
 
 def host_locations(img: Image, block_size: int, directory: str) -> dict[int, int]:
@@ -103,6 +106,16 @@ def execute(
     directory: str, images: list[Image], block_size: int, index: DedupIndex, control: Control,
     dry_run: bool,
 ) -> ReflinkResult:  # fmt: skip
+    started = time.monotonic()
+    result = _execute(directory, images, block_size, index, control, dry_run)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _execute(
+    directory: str, images: list[Image], block_size: int, index: DedupIndex, control: Control,
+    dry_run: bool,
+) -> ReflinkResult:  # fmt: skip
     result = ReflinkResult()
     # hash -> [(image, host offset)], images in name order so the first copy is the source
     copies: dict[bytes, list[tuple[Image, int]]] = {}
@@ -120,41 +133,35 @@ def execute(
     for locs in copies.values():
         # A copy shared by an earlier run is the source, so new copies join it.
         locs.sort(key=lambda loc: loc[0].name in dest_images)
-    work = [(h, locs) for h, locs in copies.items() if len(locs) >= 2]
+    ranges = _merged_ranges(copies, dest_images, block_size)
     if dry_run:
-        for _, locs in work:
-            dests = [loc for loc in locs[1:] if loc[0].name in dest_images]
-            result.ranges_shared += len(dests)
-            result.bytes_shared += len(dests) * block_size
+        result.ranges_shared = len(ranges)
+        result.bytes_shared = sum(r[4] for r in ranges)
         return result
+    by_name = {img.name: img for img in images}
     fds: dict[str, int] = {}
-    bar = control.bar(sum(len(locs) - 1 for _, locs in work) * block_size, "fideduperange")
+    bar = control.bar(sum(r[4] for r in ranges), "fideduperange")
     try:
-        for _, locs in work:
+        for src, src_off, dst, dst_off, length in ranges:
             control.check("dedupe-range")
-            (src_img, src_off), rest = locs[0], locs[1:]
-            rest = [loc for loc in rest if loc[0].name in dest_images]
-            for k in range(0, len(rest), MAX_DESTS):
-                batch = rest[k : k + MAX_DESTS]
-                src_fd = _fd(fds, src_img)
-                dests = [(_fd(fds, img), off) for img, off in batch]
-                try:
-                    statuses = dedupe_range(src_fd, src_off, block_size, dests)
-                except DedupeUnsupported as e:
-                    result.unsupported = f"FIDEDUPERANGE is not available here: {e}"
-                    return result
-                except OSError as e:
-                    result.errors.append(f"{src_img.name}: FIDEDUPERANGE: {e.strerror}")
-                    continue
-                for status, shared in statuses:
-                    if status == RANGE_SAME:
-                        result.ranges_shared += 1
-                        result.bytes_shared += shared
-                    elif status == RANGE_DIFFERS:
-                        result.ranges_differ += 1
-                    else:
-                        result.errors.append(f"FIDEDUPERANGE: {os.strerror(-status)}")
-                bar.update(len(batch) * block_size)
+            try:
+                ((status, shared),) = dedupe_range(
+                    _fd(fds, by_name[src]), src_off, length, [(_fd(fds, by_name[dst]), dst_off)]
+                )
+            except DedupeUnsupported as e:
+                result.unsupported = f"FIDEDUPERANGE is not available here: {e}"
+                return result
+            except OSError as e:
+                result.errors.append(f"{dst}: FIDEDUPERANGE from {src}: {e.strerror}")
+                continue
+            if status == RANGE_SAME:
+                result.ranges_shared += 1
+                result.bytes_shared += shared
+            elif status == RANGE_DIFFERS:
+                result.ranges_differ += 1
+            else:
+                result.errors.append(f"{dst}: FIDEDUPERANGE from {src}: {os.strerror(-status)}")
+            bar.update(length)
         for img in images:
             # FIDEDUPERANGE leaves the content (and here the identity) as it was.
             if img.name in dest_images and FileKey.of(img.path) == img.key:
@@ -164,6 +171,32 @@ def execute(
         for fd in fds.values():
             os.close(fd)
     return result
+
+
+def _merged_ranges(
+    copies: dict[bytes, list[tuple[Image, int]]], dest_images: set[str], block_size: int
+) -> list[tuple[str, int, str, int, int]]:
+    """(source, offset, destination, offset, length) to share: each destination block joins
+    the first copy of its content, and runs that continue in both files become one range (one
+    ioctl instead of one per block)."""
+    pairs: list[tuple[str, int, str, int]] = []
+    for locs in copies.values():
+        if len(locs) < 2:
+            continue
+        src, src_off = locs[0]
+        pairs += [(src.name, src_off, img.name, off) for img, off in locs[1:]
+                  if img.name in dest_images]  # fmt: skip
+    pairs.sort(key=lambda p: (p[0], p[2], p[1], p[3]))
+    out: list[tuple[str, int, str, int, int]] = []
+    for src, src_off, dst, dst_off in pairs:
+        if out:
+            ps, pso, pd, pdo, length = out[-1]
+            if (ps, pd) == (src, dst) and pso + length == src_off and pdo + length == dst_off \
+                    and length < MAX_RANGE:  # fmt: skip
+                out[-1] = (ps, pso, pd, pdo, length + block_size)
+                continue
+        out.append((src, src_off, dst, dst_off, block_size))
+    return out
 
 
 def _fd(fds: dict[str, int], img: Image) -> int:
