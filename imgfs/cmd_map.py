@@ -74,6 +74,8 @@ class LayerPolicy:
             self.recurse = layer.info().format_specific.get("subformat") == "fixed"
         elif fmt == "qcow2":
             self.recurse = _qcow2_metadata_preallocated(layer)
+        # Encrypted data has no plain copy in the host file: qemu gives no offset for it.
+        self.offsets = fmt in OFFSET_FORMATS and not layer.info().encrypted
 
     def status(self, offset: int, length: int) -> LayerStatus:
         layer = self.layer
@@ -119,6 +121,8 @@ def _qcow2_metadata_preallocated(layer: Any) -> bool:
     real_clusters = layer.file.allocated_size() // cluster_size
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
     end_cluster = -(-layer.file.size() // cluster_size)
+    if end_cluster < threshold:
+        return False  # not even every cluster of the file in use would reach it
     in_use = 0
     for cluster in range(end_cluster):
         if in_use > threshold:
@@ -237,7 +241,7 @@ def _entries_at(
     name = _name(names, depth, st)
     if st.allocation is Allocation.ZERO:
         return [MapEntry(offset, length, depth, True, True, False, st.host_offset, name)]
-    host = st.host_offset if policy.format in OFFSET_FORMATS else None
+    host = st.host_offset if policy.offsets else None
     if host is None:
         return [MapEntry(offset, length, depth, True, False, True)]
     if not st.recurse:

@@ -8,10 +8,13 @@ index as it was before that image (never half an image).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from imgfs.errors import InvalidRequest
 
 INDEX_NAME = ".imgfs-dedup.sqlite"
 SCHEMA_VERSION = "1"
@@ -39,6 +42,14 @@ class DedupIndex:
     def __init__(self, directory: str, block_size: int) -> None:
         self.path = os.path.join(directory, INDEX_NAME)
         self.block_size = block_size
+        # One run per directory at a time: a second one would take the first one's temporary
+        # files for leftovers. (flock is separate from SQLite's own fcntl locks.)
+        self._lock_fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise InvalidRequest(f"{directory}: another imgfs dedup is running there") from None
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(
@@ -67,6 +78,7 @@ class DedupIndex:
 
     def close(self) -> None:
         self.db.close()
+        os.close(self._lock_fd)
 
     def is_current(self, name: str, key: FileKey) -> bool:
         row = self.db.execute("SELECT key FROM images WHERE name = ?", (name,)).fetchone()

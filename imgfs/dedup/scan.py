@@ -64,6 +64,11 @@ def list_images(directory: str) -> tuple[list[Image], list[str]]:
         except Exception as e:  # a disk imgfs cannot open is left alone
             errors.append(f"{entry.source_name}: {e}")
             continue
+        reason = entry.read_only_reason
+        if os.path.islink(entry.path):
+            reason = "it is a symbolic link"
+        elif entry.st.st_nlink > 1:
+            reason = "it has other hard links"
         try:
             spec = disk.top.backing_spec
             images.append(
@@ -74,7 +79,7 @@ def list_images(directory: str) -> tuple[list[Image], list[str]]:
                     disk.size,
                     FileKey(entry.st.st_ino, entry.st.st_size, entry.st.st_mtime_ns),
                     spec.filename if spec else None,
-                    entry.read_only_reason,
+                    reason,
                 )  # fmt: skip
             )
         finally:

@@ -4,6 +4,7 @@ the space goes down, a second run re-hashes nothing, and an interrupted run harm
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -182,13 +183,17 @@ def test_images_that_cannot_be_rebased_are_left_alone(tmp_path: Path) -> None:
     qemu_img("convert", "-O", "raw", str(images[0]), str(raw))
     overlay = directory / "overlay.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", images[1].name, "-F", "qcow2", str(overlay))
-    copies = snapshot([*images, raw, overlay], tmp_path / "before")
+    linked = directory / "linked.qcow2"
+    shutil.copyfile(images[0], linked)
+    os.link(linked, tmp_path / "elsewhere.qcow2")  # a second name outside the directory
+    copies = snapshot([*images, raw, overlay, linked], tmp_path / "before")
     status, report = run_dedup(directory, "--method", "rebase")
     assert status == 0, report
     skipped = report["rebase"]["skipped"]
     assert "raw" in skipped["disk.raw"]
     assert "backing file" in skipped["overlay.qcow2"]
     assert images[1].name in skipped  # the overlay's backing image
+    assert "hard links" in skipped["linked.qcow2"]
     assert report["rebase"].get("rewritten", []) == []
     assert_all_intact(directory, {k: v for k, v in copies.items() if k != "disk.raw"})
 
@@ -285,3 +290,16 @@ def test_signal_from_outside_at_any_moment_harms_nothing(tmp_path: Path) -> None
     out, err = proc.communicate(timeout=120)
     assert proc.returncode in (0, 130), (out, err)
     assert_all_intact(directory, copies)
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "images"
+    make_clones(directory, 2, 2 * MiB, seed=9)
+    index = directory / ".imgfs-dedup.sqlite"
+    with open(index, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = subprocess.run(imgfs_cmd("dedup", str(directory)), capture_output=True,
+                                text=True, env=subprocess_env(), timeout=120)  # fmt: skip
+    assert result.returncode == 1
+    assert "another imgfs dedup is running" in result.stderr
+    assert not list(directory.glob("imgfs-dedup-base-*"))

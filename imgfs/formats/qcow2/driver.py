@@ -460,8 +460,21 @@ class Qcow2Driver(BlockDriver):
         sub_size, sub_bits, cb = self.sub_size, self.sub_bits, self.cb
         subs_per_cluster = self.cs >> sub_bits
         cmask = self.cs - 1
+        span_bits = self.l2_bits + cb
         while pos < end:
             gci = pos >> cb
+            l1i = gci >> self.l2_bits
+            if l1i < len(self.l1) and not self.l1[l1i] & L.L1E_OFFSET_MASK:
+                # No L2 table: its whole span is unallocated, in one step (a walk over a huge
+                # sparse disk must not visit every cluster).
+                span_end = min(end, (l1i + 1) << span_bits)
+                if out and out[-1][0] == UNALLOC and not out[-1][3]:
+                    lk, lg, ll, lh = out[-1]
+                    out[-1] = (lk, lg, ll + span_end - pos, lh)
+                else:
+                    out.append((UNALLOC, pos, span_end - pos, 0))
+                pos = span_end
+                continue
             entry, bitmap = self._entry(gci)
             cluster_end = min(end, (gci + 1) << cb)
             if (
