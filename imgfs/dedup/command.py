@@ -132,6 +132,9 @@ def _run(
             # The rewritten images and the new bases: list them again (hashes come from the
             # index, which rebase kept current).
             images = scan(directory, index, control).images
+    users = {img.backing for img in images}
+    report["unused-bases"] = [img.name for img in images
+                              if rebase.is_base(img.name) and img.name not in users]  # fmt: skip
     if args.method in ("fideduperange", "both"):
         done_r = reflink.execute(directory, images, block_size, index, control, args.dry_run)
         report["fideduperange"] = {
@@ -209,6 +212,8 @@ def _print_human(report: dict[str, Any]) -> None:
                   f"(plus the new bases: {', '.join(r['bases-made']) or 'none'})")  # fmt: skip
             for name, why in sorted(r["failed"].items()):
                 print(f"  {name}: not rewritten: {why}")
+    for name in report.get("unused-bases", []):
+        print(f"  {name}: no image uses this base any more; it may be deleted")
     f = report.get("fideduperange")
     if f:
         if f["unsupported"]:
