@@ -110,9 +110,10 @@ def assert_all_intact(directory: Path, copies: dict[str, Path]) -> None:
     assert not list(directory.glob(".*imgfs-dedup-tmp")), "temporary files left behind"
 
 
-def test_rebase_of_ten_clones_saves_the_duplicated_space(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [32 * MiB, pytest.param(64 * MiB, marks=pytest.mark.slow)])
+def test_rebase_of_ten_clones_saves_the_duplicated_space(tmp_path: Path, size: int) -> None:
     directory = tmp_path / "images"
-    images = make_clones(directory, 10, 32 * MiB)
+    images = make_clones(directory, 10, size)
     copies = snapshot(images, tmp_path / "before")
     before = allocated(images)
     # Duplicated space: what the images take now minus what storing each distinct block once

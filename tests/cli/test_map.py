@@ -219,15 +219,19 @@ def test_map_equals_qemu(case: str, tmp_path: Path) -> None:
         assert (status, got) == (1 if result.returncode else 0, result.stdout), args
 
 
-def _corpus_images() -> list[tuple[str, str]]:
-    """(path, format) of the corpus images qemu reads that are stored uncompressed."""
+def _corpus_images() -> list:
+    """(path, format) of the corpus images qemu reads that are stored uncompressed: the first
+    of each format in the default run, the others marked slow."""
     manifest = SHARED / "corpus" / "MANIFEST.tsv"
     skip = {"luks", "keyfile", "format", "vmdk-extent", "parallels-hdd-descriptor"}
     out = []
+    seen: set[str] = set()
     for line in manifest.read_text().splitlines()[1:]:
         cols = line.split("\t")
         if cols[5] == "yes" and cols[11] == "none" and cols[1] not in skip:
-            out.append((cols[0], cols[1]))
+            marks = [pytest.mark.slow] if cols[1] in seen else []
+            seen.add(cols[1])
+            out.append(pytest.param(cols[0], cols[1], marks=marks))
     return out
 
 
