@@ -28,7 +28,7 @@ from imgfs.block.disk import Disk, open_disk
 from imgfs.block.driver import BlockDriver
 from imgfs.block.extent import Allocation
 from imgfs.block.hostfile import HostFile
-from imgfs.errors import Unsupported
+from imgfs.errors import ImgfsError, Unsupported
 
 # One block-status call covers at most this much, so a walk of a huge disk keeps going in
 # bounded steps (qemu-img map asks for at most 1 GiB at a time too; merging hides the seams).
@@ -195,13 +195,19 @@ def layer_names(top: BlockDriver, given: str) -> list[str]:
     return names
 
 
-def map_entries(disk: Disk, given_name: str) -> Iterator[MapEntry]:
-    """The merged entries of the whole disk, first to last."""
+def map_entries(
+    disk: Disk, given_name: str, start: int = 0, max_length: int | None = None
+) -> Iterator[MapEntry]:
+    """The merged entries of ``[start, start + max_length)`` of the disk (clamped to its end),
+    first to last. An empty range gives one empty entry with every flag false, as qemu's."""
     layers = list(chain.layers(disk.top))
     policies = [LayerPolicy(layer) for layer in layers]
     names = layer_names(disk.top, given_name)
-    size = disk.size
-    offset = 0
+    size = disk.size if max_length is None else min(disk.size, start + max_length)
+    offset = start
+    if offset >= size:
+        yield MapEntry(offset, 0, 0, False, False, False)
+        return
     pending: MapEntry | None = None
     while offset < size:
         for entry in _entries_at(policies, names, offset, min(STEP, size - offset)):
@@ -276,13 +282,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("-f", "--format", help="image format (default: probe)")
     p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("--start-offset", type=_size, default=0, metavar="OFFSET",
+                   help="map from this guest offset (default 0)")  # fmt: skip
+    p.add_argument("--max-length", type=_size, default=None, metavar="LEN",
+                   help="map at most this many bytes (default: to the end)")  # fmt: skip
     p.set_defaults(func=run)
+
+
+def _size(text: str) -> int:
+    from imgfs.create import parse_size
+
+    try:
+        return parse_size(text)
+    except ImgfsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     disk = open_disk(args.image, args.format, read_only=True)
     try:
-        entries = map_entries(disk, args.image)
+        entries = map_entries(disk, args.image, args.start_offset, args.max_length)
         if args.output == "json":
             _print_json(entries)
         else:

@@ -268,3 +268,24 @@ def test_info_allocation_agrees_with_qemu_map(case: str, tmp_path: Path) -> None
     got = json.loads(out)["imgfs-allocation"]
     assert {k: got[k] for k in want} == want
     assert got["host-shared"] in (0, None)
+
+
+@pytest.mark.parametrize(
+    "window",
+    [("1536k", "1M"), ("100", "1000"), ("7M", "10M"), ("9M", None), ("3M", "0"), ("0", None),
+     ("6200k", "300k")],
+)  # fmt: skip
+def test_map_of_a_window_equals_qemu(window: tuple[str, str | None], tmp_path: Path) -> None:
+    image, fmt = qcow2_plain_chain(tmp_path)
+    start, length = window
+    opts = [f"--start-offset={start}"] + ([f"--max-length={length}"] if length else [])
+    for out in (["--output=json"], []):
+        args = [*out, *opts, "-f", fmt, str(image)]
+        result = qemu_img("map", *args)
+        assert imgfs_out("map", *args) == (0, result.stdout), args
+
+
+def test_map_of_an_empty_image_equals_qemu(tmp_path: Path) -> None:
+    image = create(tmp_path / "empty.qcow2", "qcow2", "0")
+    for args in (["--output=json", str(image)], [str(image)]):
+        assert imgfs_out("map", *args) == (0, qemu_img("map", *args).stdout)
