@@ -155,8 +155,15 @@ def _scan_report(result: ScanResult, block_size: int) -> dict[str, Any]:
     by_offset: dict[tuple[int, bytes], int] = {}
     by_hash: dict[bytes, int] = {}
     total = 0
+    by_name = {img.name: img for img in result.images}
     for img in result.images:
+        # Count what each image stores itself: an overlay's blocks equal to its backing
+        # image's (when that is in the directory) are the backing image's, not its own.
+        below = by_name.get(os.path.basename(img.backing)) if img.backing else None
+        below_hashes = below.hashes if below is not None else {}
         for i, h in img.hashes.items():
+            if below_hashes.get(i) == h:
+                continue
             by_offset[(i, h)] = by_offset.get((i, h), 0) + 1
             by_hash[h] = by_hash.get(h, 0) + 1
             total += 1
@@ -190,8 +197,8 @@ def _print_human(report: dict[str, Any]) -> None:
     s = report.get("scan")
     if s:
         rate = s["hashed-bytes"] / s["seconds"] / (1 << 30) if s["seconds"] else 0.0
-        print(f"scanned {len(s['images'])} images: {len(s['hashed'])} hashed "
-              f"({_size(s['hashed-bytes'])}, {rate:.2f} GiB/s), "
+        speed = f" ({_size(s['hashed-bytes'])}, {rate:.2f} GiB/s)" if s["hashed"] else ""
+        print(f"scanned {len(s['images'])} images: {len(s['hashed'])} hashed{speed}, "
               f"{len(s['from-index'])} unchanged (from the index)")  # fmt: skip
         print(f"data {_size(s['data-bytes'])}, distinct {_size(s['distinct-bytes'])}: "
               f"{_size(s['duplicate-bytes'])} duplicated, "
@@ -204,8 +211,12 @@ def _print_human(report: dict[str, Any]) -> None:
             verb = "new base" if p["new-base"] else "existing base"
             print(f"rebase: {verb} {p['base']} for {len(p['images'])} images, "
                   f"saving about {_size(p['estimated-saving'])}")  # fmt: skip
+        on_base = sorted(n for n, why in r["skipped"].items() if why.startswith(rebase.ON_BASE))
+        if on_base:
+            print(f"rebase: {len(on_base)} images are already overlays on a dedup base")
         for name, why in sorted(r["skipped"].items()):
-            print(f"  {name}: left alone: {why}")
+            if name not in on_base:
+                print(f"  {name}: left alone: {why}")
         if "rewritten" in r:
             print(f"rebase: {len(r['rewritten'])} images rewritten, allocated "
                   f"{_size(r['allocated-before'])} -> {_size(r['allocated-after'])} "
@@ -219,7 +230,7 @@ def _print_human(report: dict[str, Any]) -> None:
         if f["unsupported"]:
             print(f"fideduperange: {f['unsupported']}")
         else:
-            verb = "could share" if report["dry-run"] else "shared"
+            verb = "could share (where the file system can)" if report["dry-run"] else "shared"
             print(f"fideduperange: {verb} {_size(f['bytes-shared'])} in {f['ranges-shared']} "
                   f"ranges ({f['ranges-differ']} differed)")  # fmt: skip
         for e in f["errors"]:

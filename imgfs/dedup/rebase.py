@@ -38,6 +38,10 @@ VERIFY_CHUNK = 4 * 1024 * 1024
 METADATA_ESTIMATE = 256 * 1024
 
 
+# How the report says that an image was deduplicated by an earlier run.
+ON_BASE = "already an overlay on"
+
+
 def is_base(name: str) -> bool:
     return BASE_NAME.fullmatch(name) is not None
 
@@ -84,6 +88,8 @@ def skip_reason(img: Image) -> str | None:
     if img.format != "qcow2":
         return f"its format is {img.format} (only qcow2 images are rebased)"
     if img.backing is not None:
+        if is_base(os.path.basename(img.backing)):
+            return f"{ON_BASE} {img.backing}"
         return f"it already has a backing file ({img.backing})"
     return img.read_only_reason
 
