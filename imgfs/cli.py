@@ -207,13 +207,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     try:
         infos = disk.info()
         layers = list(chain.layers(disk.top))[: len(infos) if args.backing_chain else 1]
-        allocation = [info_alloc.summarize(layer) for layer in layers]
+        allocation = [info_alloc.summarize_or_none(layer) for layer in layers]
     finally:
         disk.close()
     if not args.backing_chain:
         infos = infos[:1]
     if args.output == "json":
-        data = [i.to_qemu_json() | {"imgfs-allocation": a.to_json()}
+        data = [i.to_qemu_json() | ({"imgfs-allocation": a.to_json()} if a else {})
                 for i, a in zip(infos, allocation, strict=True)]  # fmt: skip
         print(json.dumps(data if args.backing_chain else data[0], indent=4))
     else:
@@ -227,6 +227,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _print_allocation(a: Any) -> None:
     """imgfs's allocation lines (after qemu-img's fields)."""
+    if a is None:
+        return
     print(f"data in this image: {_human_size(a.data)}; zeros: {_human_size(a.zero)}; "
           f"from the backing chain: {_human_size(a.backing)}; "
           f"unallocated: {_human_size(a.unallocated)}")  # fmt: skip

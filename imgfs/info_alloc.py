@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import struct
 from dataclasses import dataclass
 
@@ -14,6 +15,9 @@ from imgfs.block.chain import chain_block_status
 from imgfs.block.driver import BlockDriver
 from imgfs.block.extent import Allocation
 from imgfs.block.hostfile import HostFile
+from imgfs.errors import ImgfsError
+
+log = logging.getLogger(__name__)
 
 STEP = 1 << 30
 
@@ -42,6 +46,16 @@ class AllocationSummary:
             "data": self.data, "zero": self.zero, "backing": self.backing,
             "unallocated": self.unallocated, "host-shared": self.host_shared,
         }  # fmt: skip
+
+
+def summarize_or_none(layer: BlockDriver) -> AllocationSummary | None:
+    """The summary, or None when the layer cannot say (its block status fails): info still
+    shows the rest."""
+    try:
+        return summarize(layer)
+    except ImgfsError as e:
+        log.warning("%s: no allocation summary: %s", layer.file.path, e)
+        return None
 
 
 def summarize(layer: BlockDriver) -> AllocationSummary:
