@@ -8,13 +8,18 @@ index as it was before that image (never half an image).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
+import logging
 import os
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from imgfs.errors import InvalidRequest
+from imgfs.errors import HostIOError, InvalidRequest
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = ".imgfs-dedup.sqlite"
 SCHEMA_VERSION = "1"
@@ -50,6 +55,25 @@ class DedupIndex:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise InvalidRequest(f"{directory}: another imgfs dedup is running there") from None
+        try:
+            self._open()
+        except sqlite3.DatabaseError as e:
+            # The index is a cache: one that SQLite cannot read is started afresh.
+            log.warning("%s: unreadable index (%s); starting a new one", self.path, e)
+            with contextlib.suppress(Exception):
+                self.db.close()
+            os.ftruncate(self._lock_fd, 0)
+            for suffix in ("-journal", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + suffix)
+            try:
+                self._open()
+            except sqlite3.DatabaseError as e2:
+                os.close(self._lock_fd)
+                raise HostIOError(f"{self.path}: cannot write the index: {e2}", errno.EIO) from None
+
+    def _open(self) -> None:
+        block_size = self.block_size
         self.db = sqlite3.connect(self.path, isolation_level=None)
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(

@@ -304,3 +304,14 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "another imgfs dedup is running" in result.stderr
     assert not list(directory.glob("imgfs-dedup-base-*"))
+
+
+def test_an_unreadable_index_is_started_afresh(tmp_path: Path) -> None:
+    directory = tmp_path / "images"
+    images = make_clones(directory, 2, 4 * MiB, seed=10)
+    (directory / ".imgfs-dedup.sqlite").write_bytes(b"not a database at all" * 100)
+    status, report = run_dedup(directory, "--method", "rebase", "--dry-run")
+    assert status == 0, report
+    assert sorted(report["scan"]["hashed"]) == [p.name for p in images]
+    status, again = run_dedup(directory, "--method", "rebase", "--dry-run")
+    assert again["scan"]["hashed"] == []
