@@ -36,7 +36,11 @@ STEP = 1 << 30
 
 # Formats whose data ranges qemu reports with a host offset ("offset" in JSON, "Mapped to" in
 # the human table). The others give data without one.
-OFFSET_FORMATS = frozenset({"raw", "qcow2", "qcow", "qed", "vmdk", "vpc", "vdi", "parallels"})
+OFFSET_FORMATS = frozenset(
+    {"raw", "qcow2", "qcow", "qed", "vmdk", "vpc", "vdi", "parallels"}
+    # Formats qemu does not read (no oracle): the offsets imgfs knows, for a useful table.
+    | {"cow", "asif"}
+)
 # Formats for which qemu has no block status at all: the whole disk is one data range.
 NO_STATUS_FORMATS = frozenset({"vhdx", "bochs", "cloop", "dmg"})
 # Formats qemu opens without backing support: their unallocated ranges are "present" zeros
