@@ -2,8 +2,14 @@
 the backing chain, printed as ``qemu-img map`` prints them (same JSON keys, same merging, same
 human table).
 
-The answers come from the drivers' block status (:func:`imgfs.block.chain.chain_block_status`);
-this module only translates imgfs's three states into qemu's flags:
+The answers come from each layer's block status (``BlockDriver.block_status``); the walk down
+the chain here is qemu's (a range past the end of a shorter backing image is an absent zero
+range of the overlay), and :class:`LayerPolicy` holds what qemu 7.2's driver for each format
+reports differently from imgfs's own finer answer (checked against qemu-img map in
+tests/cli/test_map.py): no block status at all for vhdx, bochs, cloop and dmg (one data range);
+host-file holes inside allocated data called "zero and data" where qemu asks the host file
+(static vdi, fixed vpc, vmdk flat extents, qcow2 with metadata preallocation) and plain data
+where it does not (parallels). imgfs translates its three states into qemu's flags:
 
 * ``present``: some layer of the chain holds the range (data, or a known-zero range);
 * ``zero``: the range reads as zeros and the layer knows it (a zero cluster, a hole in a raw
