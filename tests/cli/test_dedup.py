@@ -322,3 +322,29 @@ def test_an_unreadable_index_is_started_afresh(tmp_path: Path) -> None:
     assert sorted(report["scan"]["hashed"]) == [p.name for p in images]
     status, again = run_dedup(directory, "--method", "rebase", "--dry-run")
     assert again["scan"]["hashed"] == []
+
+
+def test_a_killed_run_leaves_images_valid_and_the_next_run_cleans_up(tmp_path: Path) -> None:
+    """SIGKILL (no chance to clean up) while images are being rewritten: every image is the
+    old file or the complete new one, and the next run removes the temporary files."""
+    directory = tmp_path / "images"
+    images = make_clones(directory, 4, 8 * MiB, seed=11)
+    copies = snapshot(images, tmp_path / "before")
+    proc = subprocess.Popen(
+        imgfs_cmd("dedup", str(directory), "--method", "rebase", "--progress"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=subprocess_env(),
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen = b""
+    while b"vm01" not in seen and proc.poll() is None:  # rewriting the second image
+        seen += proc.stderr.read1(4096)
+    proc.kill()
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    assert proc.returncode in (-signal.SIGKILL, 0)
+    for name, copy in copies.items():  # valid, and the same guest bytes, whichever file it is
+        assert qemu_check(directory / name)[0] == 0
+        assert qemu_img("compare", str(directory / name), str(copy), check=False).returncode == 0
+    status, report = run_dedup(directory, "--method", "rebase")
+    assert status == 0, report
+    assert_all_intact(directory, copies)
