@@ -159,7 +159,8 @@ def test_dry_run_changes_no_image(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "step",
     [pytest.param("hash-chunk:3", marks=pytest.mark.slow), "base-block:40", "rebase-block:300",
-     pytest.param("verify-chunk:5", marks=pytest.mark.slow), "rename:2"],
+     pytest.param("verify-chunk:5", marks=pytest.mark.slow),
+     pytest.param("rename:2", marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_interrupted_run_leaves_every_image_valid(tmp_path: Path, step: str) -> None:
     directory = tmp_path / "images"
@@ -202,7 +203,7 @@ def test_images_that_cannot_be_rebased_are_left_alone(tmp_path: Path) -> None:
 MKFS = {"xfs": ["mkfs.xfs", "-q", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q"]}
 
 
-@pytest.fixture(params=["xfs", "btrfs"])
+@pytest.fixture(params=["xfs", pytest.param("btrfs", marks=pytest.mark.slow)])
 def reflink_fs(request: pytest.FixtureRequest, tmp_path: Path):
     """A loop-mounted file system with reflinks (XFS with reflink=1, btrfs), removed after."""
     backing = tmp_path / "fs.img"
