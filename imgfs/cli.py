@@ -13,12 +13,14 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from imgfs import __version__
+from imgfs import __version__, cmd_map
+from imgfs.block import chain
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import CheckResult, ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
 from imgfs.cmd_serve import add_parser as add_serve_subcommand
 from imgfs.cmd_snapshot import add_parser as add_snapshot_parser
+from imgfs.dedup import command as cmd_dedup
 from imgfs.emulation.cli import add_subcommands as add_emulation_subcommands
 from imgfs.errors import ImgfsError, Unsupported, UsageError
 
@@ -201,22 +203,39 @@ def _print_info(info: ImageInfo) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from imgfs import info_alloc
+
     disk = open_disk(args.image, args.format, read_only=True)
     try:
         infos = disk.info()
+        layers = list(chain.layers(disk.top))[: len(infos) if args.backing_chain else 1]
+        allocation = [info_alloc.summarize_or_none(layer) for layer in layers]
     finally:
         disk.close()
     if not args.backing_chain:
         infos = infos[:1]
     if args.output == "json":
-        data = [i.to_qemu_json() for i in infos]
+        data = [i.to_qemu_json() | ({"imgfs-allocation": a.to_json()} if a else {})
+                for i, a in zip(infos, allocation, strict=True)]  # fmt: skip
         print(json.dumps(data if args.backing_chain else data[0], indent=4))
     else:
         for n, info in enumerate(infos):
             if n:
                 print()
             _print_info(info)
+            _print_allocation(allocation[n])
     return 0
+
+
+def _print_allocation(a: Any) -> None:
+    """imgfs's allocation lines (after qemu-img's fields)."""
+    if a is None:
+        return
+    print(f"data in this image: {_human_size(a.data)}; zeros: {_human_size(a.zero)}; "
+          f"from the backing chain: {_human_size(a.backing)}; "
+          f"unallocated: {_human_size(a.unallocated)}")  # fmt: skip
+    if a.host_shared:
+        print(f"host bytes shared with other files (reflink): {_human_size(a.host_shared)}")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -452,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_snapshot_parser(sub)
     add_emulation_subcommands(sub)  # replay, trace import
     add_serve_subcommand(sub)  # serve (NBD)
+    cmd_map.add_parser(sub)
+    cmd_dedup.add_parser(sub)
     return parser
 
 

@@ -417,22 +417,25 @@ class Qcow2Driver(BlockDriver):
             raise CorruptImage(f"{self.file.path}: qcow2 data cluster offset {host} unaligned")
         if self.extl2:
             alloc = (bitmap >> sub) & 1
+            # A zero or unallocated subcluster of an allocated cluster keeps its host offset
+            # (block status reports it, as qemu-img map does).
+            sub_host = host + (sub << self.sub_bits) if host else 0
             if (bitmap >> (32 + sub)) & 1:
                 if alloc:
                     raise CorruptImage(
                         f"{self.file.path}: qcow2 subcluster both allocated and zero "
                         f"(bitmap 0x{bitmap:016x})"
                     )
-                return ZERO, 0
+                return ZERO, sub_host
             if alloc:
                 if not host and self.data_file is None:
                     raise CorruptImage(
                         f"{self.file.path}: qcow2 allocated subcluster without a host offset"
                     )
                 return DATA, host + (sub << self.sub_bits)
-            return UNALLOC, 0
+            return UNALLOC, sub_host
         if entry & L.OFLAG_ZERO and self.v3:
-            return ZERO, 0
+            return ZERO, host  # a preallocated zero cluster keeps its host cluster
         if host or (self.data_file is not None and entry & L.OFLAG_COPIED):
             return DATA, host
         return UNALLOC, 0
@@ -446,8 +449,21 @@ class Qcow2Driver(BlockDriver):
         sub_size, sub_bits, cb = self.sub_size, self.sub_bits, self.cb
         subs_per_cluster = self.cs >> sub_bits
         cmask = self.cs - 1
+        span_bits = self.l2_bits + cb
         while pos < end:
             gci = pos >> cb
+            l1i = gci >> self.l2_bits
+            if l1i < len(self.l1) and not self.l1[l1i] & L.L1E_OFFSET_MASK:
+                # No L2 table: its whole span is unallocated, in one step (a walk over a huge
+                # sparse disk must not visit every cluster).
+                span_end = min(end, (l1i + 1) << span_bits)
+                if out and out[-1][0] == UNALLOC and not out[-1][3]:
+                    lk, lg, ll, lh = out[-1]
+                    out[-1] = (lk, lg, ll + span_end - pos, lh)
+                else:
+                    out.append((UNALLOC, pos, span_end - pos, 0))
+                pos = span_end
+                continue
             entry, bitmap = self._entry(gci)
             cluster_end = min(end, (gci + 1) << cb)
             if (
@@ -473,9 +489,19 @@ class Qcow2Driver(BlockDriver):
                     host += p & in_mask
                     if host + (q - p) > L.MAX_HOST_OFFSET:
                         raise CorruptImage(f"{self.file.path}: qcow2 host offset {host} invalid")
+                elif kind != COMPRESSED and host:
+                    host += p & in_mask  # a zero/unallocated range with a host cluster
                 if out:
                     lk, lg, ll, lh = out[-1]
-                    if lk == kind and kind != COMPRESSED and (kind != DATA or lh + ll == host):
+                    if (
+                        lk == kind
+                        and kind != COMPRESSED
+                        and (
+                            lh + ll == host
+                            if kind == DATA or (lh and host)
+                            else not lh and not host
+                        )
+                    ):
                         out[-1] = (lk, lg, ll + q - p, lh)
                         continue
                 out.append((kind, p, q - p, host))
@@ -659,8 +685,8 @@ class Qcow2Driver(BlockDriver):
                 total += m
             return Extent(offset, total, Allocation.DATA)
         if kind == ZERO:
-            return Extent(offset, n, Allocation.ZERO)
-        return Extent(offset, n, Allocation.UNALLOCATED)
+            return Extent(offset, n, Allocation.ZERO, host_offset=host or None)
+        return Extent(offset, n, Allocation.UNALLOCATED, host_offset=host or None)
 
     # -- refcounts ------------------------------------------------------------------------------
 
