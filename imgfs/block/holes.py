@@ -274,8 +274,22 @@ def fallocate(disk: Disk, mode: int, offset: int, length: int) -> None:
         raise ReadOnly(f"{disk.name}: read-only")
     if kind == 0 or offset >= size:
         return
-    length = min(end, size) - offset
-    disk.write_zeroes(offset, length, may_unmap=kind == FALLOC_FL_PUNCH_HOLE)
+    end = min(end, size)
+    # Only the data in the range needs zeroing: a hole of the whole chain already reads as
+    # zeros, and a format that cannot record zeros cheaply would otherwise allocate for it.
+    may_unmap = kind == FALLOC_FL_PUNCH_HOLE
+    data_start: int | None = None
+    while offset < end:
+        ext = disk.block_status(offset, end - offset)
+        run_end = min(end, ext.offset + max(ext.length, 1))
+        if ext.allocation is Allocation.DATA:
+            data_start = offset if data_start is None else data_start
+        elif data_start is not None:
+            disk.write_zeroes(data_start, offset - data_start, may_unmap)
+            data_start = None
+        offset = run_end
+    if data_start is not None:
+        disk.write_zeroes(data_start, end - data_start, may_unmap)
 
 
 __all__ = [
