@@ -119,6 +119,11 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
 # Runs remembered per disk: enough for a copy tool's walk over a fragmented image, small enough
 # to be nothing next to a driver's own metadata cache (three ints per run).
 MAX_CACHED_RUNS = 4096
+# The first block-status query of a walk covers this much; each answer that fills its whole
+# window doubles the next one. Some drivers scan every cluster of the range they are asked about
+# (not only up to the first change), so asking for the rest of the disk at once would cost a
+# full table scan per short run.
+FIRST_WINDOW = 1 << 20
 # How many block-status answers one lseek may ask for before it answers conservatively (data):
 # a pathological image with millions of tiny extents must not stall a request for long.
 MAX_STATUS_CALLS = 65536
@@ -180,18 +185,22 @@ def _run_at(disk: Disk, offset: int, calls: list[int]) -> tuple[int, bool]:
     start = offset
     is_data: bool | None = None
     complete = True
+    window = FIRST_WINDOW
     while offset < size:
         if calls[0] >= MAX_STATUS_CALLS:
             complete = False
             break
         calls[0] += 1
-        ext = disk.block_status(offset, size - offset)
+        asked = min(window, size - offset)
+        ext = disk.block_status(offset, asked)
         ext_data = ext.allocation is Allocation.DATA
         if is_data is None:
             is_data = ext_data
         elif ext_data != is_data:
             break
         offset = ext.offset + max(ext.length, 1)
+        if ext.length >= asked:
+            window *= 2
     offset = min(offset, size)
     assert is_data is not None
     if complete:
