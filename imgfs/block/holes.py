@@ -242,6 +242,28 @@ def seek_hole(disk: Disk, offset: int) -> int:
     return size
 
 
+def seek_cached(disk: Disk, offset: int, whence: int) -> int | None:
+    """The SEEK_DATA/SEEK_HOLE answer from the allocation cache alone (no block-status call,
+    so it can run on the event loop), or None when a walk is needed. A cached run always ends
+    where the other kind (or the end of the disk) begins."""
+    size = disk.size
+    if offset >= size or offset < 0:
+        return None  # let the walk give the error
+    cached = disk.allocation_cache.lookup(disk.write_generation, offset)
+    if cached is None:
+        return None
+    end, is_data = cached
+    if whence == os.SEEK_DATA:
+        if is_data:
+            return offset
+        if end >= size:
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO))
+        return end
+    if whence == os.SEEK_HOLE:
+        return end if is_data else offset
+    return None
+
+
 # -- fallocate(2) ------------------------------------------------------------------------------
 
 FALLOC_FL_KEEP_SIZE = 0x01

@@ -467,7 +467,9 @@ class ImageFS(pyfuse3.Operations):
         else:
             raise pyfuse3.FUSEError(errno.EINVAL)
         try:
-            found = await self.in_thread(find, disk, offset)
+            found = holes.seek_cached(disk, offset, whence)
+            if found is None:
+                found = await self.in_thread(find, disk, offset)
         except OSError as e:
             if e.errno == errno.ENXIO:  # no data after offset: an answer, not a failure
                 raise pyfuse3.FUSEError(errno.ENXIO) from None

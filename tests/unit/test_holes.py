@@ -138,6 +138,27 @@ def test_seek_through_backing_chain(tmp_path: Path) -> None:
         assert (30 * MiB, 30 * MiB + 128 * KiB) in seek_runs(disk)
 
 
+def test_seek_cached_answers_match_walks(tmp_path: Path) -> None:
+    image = scattered_qcow2(tmp_path / "a.qcow2")
+    with closing(open_disk(str(image))) as disk:
+        assert holes.seek_cached(disk, 0, os.SEEK_DATA) is None  # nothing learnt yet
+        runs = seek_runs(disk)
+        for offset in (0, MiB - 1, MiB, MiB + 5, 2 * MiB, 10 * MiB + 3, 11 * MiB, 63 * MiB):
+            for whence, find in ((os.SEEK_DATA, holes.seek_data), (os.SEEK_HOLE, holes.seek_hole)):
+                try:
+                    want: int | str = find(disk, offset)
+                except OSError as e:
+                    want = errno.errorcode[e.errno]
+                try:
+                    got = holes.seek_cached(disk, offset, whence)
+                except OSError as e:
+                    got = errno.errorcode[e.errno]
+                assert got is None or got == want, (offset, whence, got, want)
+        assert holes.seek_cached(disk, MiB + 5, os.SEEK_HOLE) == runs[0][1]
+        disk.write(0, b"x")  # any write forgets what was learnt
+        assert holes.seek_cached(disk, MiB + 5, os.SEEK_HOLE) is None
+
+
 def test_seek_cache_follows_writes(tmp_path: Path) -> None:
     image = scattered_qcow2(tmp_path / "a.qcow2")
     with closing(open_disk(str(image))) as disk:
