@@ -34,9 +34,10 @@ KiB = 1024
 MiB = 1024 * KiB
 SIZE = 64 * MiB
 
+# Outside CI, a venv made before the patch existed skips these; CI (make venv) must have it.
 pytestmark = pytest.mark.skipif(
-    not hasattr(pyfuse3.Operations, "lseek"),
-    reason="this pyfuse3 lacks the fallocate/lseek patch (make venv builds it)",
+    not hasattr(pyfuse3.Operations, "lseek") and not os.environ.get("CI"),
+    reason="this pyfuse3 lacks the fallocate/lseek patch: rebuild the venv with make venv",
 )
 
 # (image name, qemu-img create -f, create options); "-b" gets a backing image. The formats
