@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from imgfs import __version__, cmd_map
-from imgfs.block import chain
+from imgfs.block import chain, holes
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import CheckResult, ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
@@ -64,6 +64,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from imgfs.fuse.ops import MountOptions
 
     fuse_opts, driver_opts = split_mount_options(args.o or [])
+    detect_zeroes, discard, seek_holes = holes.mount_policy(
+        args.detect_zeroes, args.discard, False if args.no_seek_holes else None, driver_opts
+    )
     options = MountOptions(
         cache=CacheMode(args.cache),
         read_only=args.read_only,
@@ -72,6 +75,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         allow_external_files=args.allow_external_files,
         writable_backing=args.writable_backing,
         driver_options=driver_opts,
+        detect_zeroes=detect_zeroes,
+        discard=discard,
+        seek_holes=seek_holes,
     )
     log_file = args.log or default_log_path(args.mountpoint)
     # Check before forking so that the common mistakes are reported by this process.
@@ -92,6 +98,7 @@ def split_mount_options(items: list[str]) -> tuple[list[str], dict[str, str]]:
     from imgfs.block import registry
 
     driver_keys = {key for d in registry.all_drivers() for key in d.runtime_options}
+    driver_keys.update(holes.MOUNT_OPTION_KEYS)  # taken out again by holes.mount_policy
     fuse: list[str] = []
     driver: dict[str, str] = {}
     for item in items:
@@ -417,6 +424,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--writable-backing",
         action="store_true",
         help="let disks that other disks use as backing images be written (corrupts overlays)",
+    )
+    p.add_argument(
+        "--detect-zeroes",
+        choices=[m.value for m in holes.DetectZeroes],
+        help="all-zero writes become write-zeroes (on) or may deallocate (unmap, needs "
+        "--discard unmap), as QEMU's detect-zeroes (default: off; also -o detect-zeroes=)",
+    )
+    p.add_argument(
+        "--discard",
+        choices=[m.value for m in holes.DiscardMode],
+        help="whether discards and punched holes free space in the image (default: unmap; "
+        "ignore still zeroes the range; also -o discard=)",
+    )
+    p.add_argument(
+        "--no-seek-holes",
+        action="store_true",
+        help="do not report holes to lseek(SEEK_DATA/SEEK_HOLE): every byte is data "
+        "(also -o seek-holes=off)",
     )
     p.add_argument(
         "-o",
