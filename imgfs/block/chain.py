@@ -20,6 +20,7 @@ from imgfs.block.driver import BlockDriver, OpenOptions
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import CacheMode, HostFile
 from imgfs.errors import CorruptImage, HostIOError, ImgfsError, NotPermitted
+from imgfs.keys import KeyRing
 
 # Deep enough for any real chain; it bounds open files and recursion for hostile ones.
 MAX_CHAIN_DEPTH = 64
@@ -69,10 +70,12 @@ def open_chain(
     cache: CacheMode = CacheMode.WRITEBACK,
     containment: Containment | None = None,
     driver_options: Mapping[str, str] | None = None,
+    keys: KeyRing | None = None,
 ) -> BlockDriver:
     """Open ``path`` (format ``fmt``, or probed) and its whole backing chain.
 
-    Returns the top driver; its ``backing`` attribute links down the chain.
+    Returns the top driver; its ``backing`` attribute links down the chain. ``keys`` gives each
+    layer the passphrase of its own file (a backing image may have its own key).
     """
     containment = containment or Containment()
     seen: set[str] = set()
@@ -86,7 +89,7 @@ def open_chain(
                 raise CorruptImage(f"{path}: backing chain loops back to {current_path}")
             seen.add(real)
             driver = _open_one(
-                current_path, current_fmt, writable, cache, containment, driver_options or {}
+                current_path, current_fmt, writable, cache, containment, driver_options or {}, keys
             )
             if parent is None:
                 top = driver
@@ -138,6 +141,7 @@ def _open_one(
     cache: CacheMode,
     containment: Containment,
     driver_options: Mapping[str, str],
+    keys: KeyRing | None = None,
 ) -> BlockDriver:
     probed = fmt is None
     probe_is_raw = None
@@ -168,6 +172,7 @@ def _open_one(
         driver_options=driver_options,
     )
     try:
+        options.key = keys.lookup(path) if keys is not None else None
         return driver_cls.open(file, options)
     except ImgfsError:
         file.close()

@@ -21,6 +21,7 @@ from imgfs.block.driver import BlockDriver, CheckResult, ImageInfo, RepairMode
 from imgfs.block.extent import Extent
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import InvalidRequest, NoSpace, ReadOnly
+from imgfs.keys import KeyRing
 
 
 class Disk:
@@ -171,6 +172,7 @@ def open_disk(
     cache: CacheMode = CacheMode.WRITEBACK,
     containment: chain.Containment | None = None,
     driver_options: Mapping[str, str] | None = None,
+    keys: KeyRing | None = None,
 ) -> Disk:
     """Open an image and its backing chain as a Disk."""
     top = chain.open_chain(
@@ -180,5 +182,6 @@ def open_disk(
         cache=cache,
         containment=containment,
         driver_options=driver_options,
+        keys=keys,
     )
     return Disk(top, cache, os.path.basename(path))

@@ -29,12 +29,15 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import CacheMode, HostFile
 from imgfs.errors import CorruptImage, ReadOnly, Unsupported
 from imgfs.units import size_option
+
+if TYPE_CHECKING:
+    from imgfs.crypto.secret import Secret
 
 # How much of a file the registry hands to each probe.
 PROBE_HEAD_SIZE = 64 * 1024
@@ -75,6 +78,9 @@ class OpenOptions:
     #: Format-specific run-time options (``-o key=value`` of ``imgfs mount``/``info``), such as
     #: qcow2's ``l2-cache-size``. A driver ignores keys it does not know.
     driver_options: Mapping[str, str] = field(default_factory=dict)
+    #: The passphrase of this image file, if the user gave one (``--key``); an encrypted image
+    #: opened without it raises KeyRequired, with a wrong one WrongKey.
+    key: Secret | None = None
 
     def size_option(self, key: str, default: int) -> int:
         """A byte-count run-time option (``8M``, ``65536``), or ``default`` when not given."""
