@@ -10,6 +10,7 @@ master key is checked against ``mk_digest``, a PBKDF2 of the master key itself.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import time
@@ -17,8 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives import constant_time, hashes
-from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+from cryptography.hazmat.primitives import constant_time
 
 from imgfs.crypto.cipher import (
     CIPHER_KEY_BYTES,
@@ -48,10 +48,9 @@ MAX_ITERATIONS = 50_000_000
 MAX_KEY_MATERIAL = 16 * 1024 * 1024
 MIN_ITERATIONS = 1000
 
-_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
-    "md5": hashes.MD5, "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384, "sha512": hashes.SHA512,
-}  # fmt: skip
+# QEMU's LUKS hashes. hashlib (OpenSSL) has them all, ripemd160 included, which the
+# cryptography package lacks; its pbkdf2_hmac is OpenSSL's PKCS5_PBKDF2_HMAC.
+_HASHES = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
 
 
 @dataclass(slots=True)
@@ -139,8 +138,6 @@ def cipher_spec(cipher_name: str, cipher_mode: str, key_bytes: int) -> CipherSpe
 
 
 def luks_mode_string(spec: CipherSpec) -> str:
-    if spec.mode == "ecb":
-        return "ecb"
     iv = spec.ivgen + (f":{spec.ivgen_hash}" if spec.ivgen_hash else "")
     return f"{spec.mode}-{iv}"
 
@@ -200,10 +197,7 @@ def parse(buf: bytes, where: str, area_size: int | None = None) -> LuksHeader:
 
 
 def pbkdf2(hash_name: str, password: bytes, salt: bytes, iterations: int, length: int) -> bytes:
-    kdf = PBKDF2HMAC(
-        algorithm=_HASHES[hash_name](), length=length, salt=salt, iterations=iterations
-    )
-    return kdf.derive(password)
+    return hashlib.pbkdf2_hmac(hash_name, password, salt, iterations, length)
 
 
 def _diffuse(block: bytes, hash_name: str) -> bytes:
@@ -213,9 +207,7 @@ def _diffuse(block: bytes, hash_name: str) -> bytes:
     out = bytearray()
     for i in range(0, len(block), size):
         piece = block[i : i + size]
-        h = hashes.Hash(_HASHES[hash_name]())
-        h.update((i // size).to_bytes(4, "big") + piece)
-        out += h.finalize()[: len(piece)]
+        out += hashlib.new(hash_name, (i // size).to_bytes(4, "big") + piece).digest()[: len(piece)]
     return bytes(out)
 
 
