@@ -203,6 +203,9 @@ class BlockDriver(ABC):
     #: ``hostfile.in_nowait_mode()`` and a read would decompress much (cloop does this). A
     #: driver may set it per instance.
     cheap_reads: ClassVar[bool] = True
+    #: A new image from :meth:`create` reads as zeros (False for LUKS, whose unwritten payload
+    #: decrypts to noise): ``convert`` may then leave zero ranges unwritten.
+    zero_init: ClassVar[bool] = True
 
     #: The backing image, opened read-only; set by :meth:`attach_backing`.
     backing: BlockDriver | None = None

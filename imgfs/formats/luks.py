@@ -26,6 +26,7 @@ class LuksDriver(BlockDriver):
     format_name = "luks"
     supports_write = True
     cheap_reads = False  # every read decrypts
+    zero_init = False  # the unwritten payload decrypts to noise
 
     create_options = {
         "cipher-alg": "cipher: aes-128, aes-192, aes-256 (default), cast5-128, sm4",

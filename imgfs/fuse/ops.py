@@ -33,6 +33,7 @@ from imgfs.block.disk import Disk, open_disk
 from imgfs.block.hostfile import CacheMode, WouldBlock, call_nowait
 from imgfs.errors import ImgfsError
 from imgfs.fuse.scan import DirectoryScanner, ImageEntry
+from imgfs.keys import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class MountOptions:
     writable_backing: bool = False
     # Format run-time options (-o KEY=VALUE that a driver names, e.g. l2-cache-size).
     driver_options: dict[str, str] = field(default_factory=dict)
+    # Passphrases of encrypted images (--key NAME=FILE, --key-dir DIR).
+    keys: KeyRing | None = None
 
 
 @dataclass(eq=False)
@@ -118,7 +121,10 @@ class ImageFS(pyfuse3.Operations):
             None if options.allow_external_files else self.images_dir
         )
         self.scanner = DirectoryScanner(
-            self.images_dir, self.containment, protect_backing=not options.writable_backing
+            self.images_dir,
+            self.containment,
+            protect_backing=not options.writable_backing,
+            keys=options.keys,
         )
         self.limiter = trio.CapacityLimiter(max(1, options.aio_threads))
         self.nodes: dict[str, Node] = {}  # by exported name
@@ -365,6 +371,7 @@ class ImageFS(pyfuse3.Operations):
                 cache=self.options.cache,
                 containment=self.containment,
                 driver_options=self.options.driver_options,
+                keys=self.options.keys,
             )
         )
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from imgfs.block import chain, registry
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import ImgfsError
+from imgfs.keys import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,16 @@ class _Probed:
 
 class DirectoryScanner:
     def __init__(
-        self, root: str, containment: chain.Containment, protect_backing: bool = True
+        self,
+        root: str,
+        containment: chain.Containment,
+        protect_backing: bool = True,
+        keys: KeyRing | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.containment = containment
         self.protect_backing = protect_backing
+        self.keys = keys
         self._cache: dict[str, tuple[tuple[int, int, int, int], _Probed]] = {}
         self._reported: set[tuple[str, str]] = set()
         # real path of a backing image -> the exported disk that uses it (from the last scan)
@@ -207,7 +213,12 @@ class DirectoryScanner:
             return _Probed(fmt, st.st_size, True, companions, None)
         try:
             top = chain.open_chain(
-                path, fmt, read_only=True, cache=CacheMode.WRITEBACK, containment=self.containment
+                path,
+                fmt,
+                read_only=True,
+                cache=CacheMode.WRITEBACK,
+                containment=self.containment,
+                keys=self.keys,
             )
         except ImgfsError as e:
             return _Probed(fmt, 0, False, companions, str(e))
