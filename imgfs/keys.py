@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from imgfs.crypto.secret import Secret
-from imgfs.errors import UsageError
+from imgfs.errors import KeyRequired, UsageError
 
 KEY_SUFFIX = ".key"
 
@@ -55,4 +55,9 @@ class KeyRing:
     def lookup(self, image_path: str) -> Secret | None:
         """The passphrase for the image file at ``image_path``, or None when none is given."""
         path = self.key_file(image_path)
-        return Secret.from_file(path) if path is not None else None
+        if path is None:
+            return None
+        try:
+            return Secret.from_file(path)
+        except UsageError as e:
+            raise KeyRequired(f"{image_path}: encrypted; {e}") from None

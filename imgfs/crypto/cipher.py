@@ -18,6 +18,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.decrepit.ciphers.algorithms import CAST5
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherAlgorithm, algorithms, modes
 
@@ -121,6 +122,14 @@ def _algorithm(alg: str, key: bytes) -> CipherAlgorithm:
     return factory(key)
 
 
+def _has_ctr(alg: CipherAlgorithm) -> bool:
+    try:
+        Cipher(alg, modes.CTR(bytes(alg.block_size // 8))).encryptor()
+    except UnsupportedAlgorithm:
+        return False
+    return True
+
+
 def essiv_alg(alg: str, ivgen_hash: str) -> str:
     """The cipher ESSIV encrypts sector numbers with: the same family keyed by the hash of the
     key, so its key size is the hash's digest size (QEMU's rule)."""
@@ -154,6 +163,7 @@ class SectorCipher:
         self._alg = _algorithm(spec.alg, self._key)
         self.block = self._alg.block_size // 8
         self._ecb = Cipher(self._alg, modes.ECB())
+        self._native_ctr = spec.mode != "ctr" or _has_ctr(self._alg)
         # XTS: the second half of the key encrypts the tweaks.
         self._tweak_ecb = (
             Cipher(_algorithm(spec.alg, key[half:]), modes.ECB()) if spec.mode == "xts" else None
@@ -218,6 +228,8 @@ class SectorCipher:
             for i in range(count):
                 prev[i * SECTOR : i * SECTOR + b] = ivs[i * b : (i + 1) * b]
             return _xor(plain, prev)
+        if mode == "ctr" and not self._native_ctr:
+            return self._ctr_by_hand(data, ivs, count)
         # CBC encryption and CTR chain through each sector: one call per sector.
         out = bytearray(n)
         view = memoryview(data)
@@ -228,6 +240,21 @@ class SectorCipher:
             ctx = c.encryptor() if encrypt else c.decryptor()
             out[i * SECTOR : (i + 1) * SECTOR] = ctx.update(view[i * SECTOR : (i + 1) * SECTOR])
         return bytes(out)
+
+    def _ctr_by_hand(self, data: bytes | bytearray | memoryview, ivs: bytes, count: int) -> bytes:
+        """CTR for ciphers OpenSSL has no CTR mode of (CAST5): the keystream is the ECB
+        encryption of each sector's IV counted up as a big-endian integer per block."""
+        b = self.block
+        mask = (1 << (8 * b)) - 1
+        per_sector = SECTOR // b
+        counters = b"".join(
+            ((base + j) & mask).to_bytes(b, "big")
+            for i in range(count)
+            for base in (int.from_bytes(ivs[i * b : (i + 1) * b], "big"),)
+            for j in range(per_sector)
+        )
+        stream = self._ecb.encryptor().update(counters)
+        return _xor(data, stream)
 
     def _xts(
         self, data: bytes | bytearray | memoryview, ivs: bytes, count: int, encrypt: bool
