@@ -60,4 +60,4 @@ class KeyRing:
         try:
             return Secret.from_file(path)
         except UsageError as e:
-            raise KeyRequired(f"{image_path}: encrypted; {e}") from None
+            raise KeyRequired(f"{image_path}: {e}") from None
