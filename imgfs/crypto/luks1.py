@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -237,21 +239,40 @@ def _sectors(n: int) -> int:
     return -(-n // SECTOR)
 
 
+# Master keys already unlocked in this process, by a digest of everything that determines them
+# (header, key material, passphrase): PBKDF2 is made to cost seconds, and an image is opened
+# again by every directory scan and first FUSE open. Bounded; a changed header or key slot misses.
+_UNLOCKED: OrderedDict[bytes, bytes] = OrderedDict()
+_UNLOCKED_MAX = 256
+_UNLOCKED_LOCK = threading.Lock()
+
+
 def unlock(
     hdr: LuksHeader, passphrase: Secret, read: Callable[[int, int], bytes], where: str
 ) -> bytes:
     """The master key, from the first active key slot the passphrase opens. ``read(offset,
     length)`` reads the header area (offsets from the header's start). Raises WrongKey."""
     spec = hdr.spec
-    tried = 0
-    for slot in hdr.slots:
-        if slot.active != SLOT_ACTIVE:
-            continue
-        tried += 1
+    active = [slot for slot in hdr.slots if slot.active == SLOT_ACTIVE]
+    if not active:
+        raise CorruptImage(f"{where}: LUKS header has no active key slot")
+    materials = []
+    fingerprint = hashlib.sha256(hdr.pack())
+    for slot in active:
         size = hdr.key_bytes * slot.stripes
         raw = read(slot.key_material_offset * SECTOR, _sectors(size) * SECTOR)
         if len(raw) < size:
             raise CorruptImage(f"{where}: LUKS key material is truncated")
+        materials.append(raw)
+        fingerprint.update(raw)
+    fingerprint.update(hashlib.sha256(passphrase.reveal()).digest())
+    cache_key = fingerprint.digest()
+    with _UNLOCKED_LOCK:
+        cached = _UNLOCKED.get(cache_key)
+        if cached is not None:
+            _UNLOCKED.move_to_end(cache_key)
+            return cached
+    for slot, raw in zip(active, materials, strict=True):
         slot_key = pbkdf2(
             hdr.hash_spec, passphrase.reveal(), slot.salt, slot.iterations, hdr.key_bytes
         )
@@ -261,10 +282,14 @@ def unlock(
             hdr.hash_spec, candidate, hdr.mk_digest_salt, hdr.mk_digest_iter, DIGEST_SIZE
         )
         if constant_time.bytes_eq(digest, hdr.mk_digest):
+            with _UNLOCKED_LOCK:
+                _UNLOCKED[cache_key] = candidate
+                while len(_UNLOCKED) > _UNLOCKED_MAX:
+                    _UNLOCKED.popitem(last=False)
             return candidate
-    if not tried:
-        raise CorruptImage(f"{where}: LUKS header has no active key slot")
-    raise WrongKey(f"{where}: the passphrase opens none of the {tried} active LUKS key slot(s)")
+    raise WrongKey(
+        f"{where}: the passphrase opens none of the {len(active)} active LUKS key slot(s)"
+    )
 
 
 def iterations_for(hash_name: str, iter_time_ms: int) -> int:
