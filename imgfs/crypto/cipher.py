@@ -227,15 +227,7 @@ class SectorCipher:
         if mode == "xts":
             return self._xts(data, ivs, count, encrypt)
         if mode == "cbc" and not encrypt:
-            # P_i = D(C_i) xor C_{i-1}, with each sector's IV before its first block.
-            plain = self._ecb.decryptor().update(data)
-            view = memoryview(data)
-            prev = bytearray(n)
-            prev[self.block :] = view[: n - self.block]
-            b = self.block
-            for i in range(count):
-                prev[i * SECTOR : i * SECTOR + b] = ivs[i * b : (i + 1) * b]
-            return _xor(plain, prev)
+            return self._cbc_decrypt(data, ivs, count)
         if mode == "ctr" and not self._native_ctr:
             return self._ctr_by_hand(data, ivs, count)
         # CBC encryption and CTR chain through each sector: one call per sector.
@@ -248,6 +240,37 @@ class SectorCipher:
             ctx = c.encryptor() if encrypt else c.decryptor()
             out[i * SECTOR : (i + 1) * SECTOR] = ctx.update(view[i * SECTOR : (i + 1) * SECTOR])
         return bytes(out)
+
+    def _cbc_decrypt(
+        self, data: bytes | bytearray | memoryview, ivs: bytes, count: int
+    ) -> bytearray:
+        """One CBC decryption of the whole run, as if it were one chain: right everywhere but
+        in the first block of each sector after the first, which was XORed with the previous
+        sector's last ciphertext block instead of its IV. Those blocks are then fixed at once
+        (gathered, XORed with both, scattered back)."""
+        b = self.block
+        n = len(data)
+        out = bytearray(n + b)
+        Cipher(self._alg, modes.CBC(ivs[:b])).decryptor().update_into(data, out)
+        del out[n:]
+        if count == 1:
+            return out
+        w = b // 8  # 64-bit words per block
+        per = SECTOR // 8  # words per sector
+        oq = memoryview(out).cast("Q")
+        dq = memoryview(data).cast("B").cast("Q")
+        firsts = bytearray(b * (count - 1))
+        prevs = bytearray(b * (count - 1))
+        fq, pq = memoryview(firsts).cast("Q"), memoryview(prevs).cast("Q")
+        for k in range(w):
+            fq[k::w] = oq[per + k :: per]
+            pq[k::w] = dq[per - w + k : n // 8 - w : per]
+        fixed = int.from_bytes(firsts, "little") ^ int.from_bytes(prevs, "little")
+        fixed ^= int.from_bytes(ivs[b:], "little")
+        xq = memoryview(fixed.to_bytes(len(firsts), "little")).cast("Q")
+        for k in range(w):
+            oq[per + k :: per] = xq[k::w]
+        return out
 
     def _ctr_by_hand(self, data: bytes | bytearray | memoryview, ivs: bytes, count: int) -> bytes:
         """CTR for ciphers OpenSSL has no CTR mode of (CAST5): the keystream is the ECB
