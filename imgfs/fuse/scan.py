@@ -93,7 +93,7 @@ class DirectoryScanner:
         self.containment = containment
         self.protect_backing = protect_backing
         self.keys = keys
-        self._cache: dict[str, tuple[tuple[int, int, int, int], _Probed]] = {}
+        self._cache: dict[str, tuple[tuple[object, ...], _Probed]] = {}
         self._reported: set[tuple[str, str]] = set()
         # real path of a backing image -> the exported disk that uses it (from the last scan)
         self._backing_users: dict[str, str] = {}
@@ -155,11 +155,23 @@ class DirectoryScanner:
             return None  # vanished, a dangling symlink, a bundle without its descriptor
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             return None
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, self._key_stamp(path))
         cached = self._cache.get(path)
         probed = cached[1] if cached and cached[0] == key else self._probe_safely(path, name, st)
         self._cache[path] = (key, probed)
         return st, probed
+
+    def _key_stamp(self, path: str) -> tuple[int, int] | None:
+        """When the image's key file was last changed: a key added or fixed while mounted
+        makes the image probe again (and appear)."""
+        key_file = self.keys.key_file(path) if self.keys is not None else None
+        if key_file is None:
+            return None
+        try:
+            st = os.stat(key_file)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns)
 
     def _entry(self, name: str, st: os.stat_result, probed: _Probed) -> ImageEntry | None:
         if probed.format is None:
