@@ -46,7 +46,7 @@ STRIPES = 4000
 ALIGN_SECTORS = 8  # QEMU aligns key material and payload to 4 KiB
 
 # Hostile-input bounds: PBKDF2 cost and key material size. Real images use 1e3..1e7 iterations.
-MAX_ITERATIONS = 50_000_000
+MAX_ITERATIONS = 20_000_000
 MAX_KEY_MATERIAL = 16 * 1024 * 1024
 MIN_ITERATIONS = 1000
 
