@@ -19,14 +19,18 @@ PYTEST_ARGS ?=
 
 # Debian packages the build, the tests and the demo use (bsdextrautils brings hexdump, which the
 # demo's hints use; cloop-utils, bochs, uml-utilities, dmg2img and libvhdi-utils are format
-# oracles the tests compare against). python3-venv / python3-dev are added by `deps` only when $(PYTHON) lacks
-# venv+ensurepip or its C headers (Debian's own python3 does; the pyenv build on the development
-# machines has both).
+# oracles the tests compare against; nginx-light, nbdkit, libnbd-bin and qemu-block-extra (qemu's
+# curl driver) are the real HTTP and NBD peers of the remote tests; mtools, dosfstools read back
+# vvfat disks; xfsprogs and btrfs-progs make the reflink file systems dedup is tested on).
+# python3-venv / python3-dev are added by `deps` only when $(PYTHON) lacks venv+ensurepip or its
+# C headers (Debian's own python3 does; the pyenv build on the development machines has both).
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc \
                 qemu-utils qemu-system-common qemu-system-x86 \
                 fio fdisk e2fsprogs util-linux cpio strace \
                 bsdextrautils \
-                cloop-utils bochs uml-utilities dmg2img libvhdi-utils
+                cloop-utils bochs uml-utilities dmg2img libvhdi-utils \
+                nginx-light nbdkit libnbd-bin qemu-block-extra \
+                mtools dosfstools xfsprogs btrfs-progs
 
 # true when MNT is a mount point (read from the mount table: a FUSE mount whose daemon died
 # cannot even be stat'ed, so `mountpoint` is no help there)

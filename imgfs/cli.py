@@ -24,6 +24,7 @@ from imgfs.cmd_keys import (
     image_keys,
     print_locked_info,
 )
+from imgfs.cmd_serve import add_parser as add_serve_subcommand
 from imgfs.emulation.cli import add_subcommands as add_emulation_subcommands
 from imgfs.errors import ImgfsError, NeedsKey, Unsupported, UsageError
 from imgfs.keys import KeyRing
@@ -473,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     add_emulation_subcommands(sub)  # replay, trace import
+    add_serve_subcommand(sub)  # serve (NBD)
     return parser
 
 

@@ -37,3 +37,7 @@ def open_url(url: str, *, writable: bool, cache: CacheMode) -> HostFile:
     except KeyError:
         raise ValueError(f"unsupported URL scheme {scheme!r} in {url!r}") from None
     return opener(url, writable, cache)
+
+
+# Protocol backends register their schemes on import.
+from imgfs.remote import nbd as _nbd  # noqa: E402,F401
