@@ -20,10 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.decrepit.ciphers.algorithms import CAST5
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherAlgorithm, algorithms, modes
 
 from imgfs.errors import InvalidRequest, Unsupported
+
+try:  # cryptography >= 43 keeps CAST5 among the "decrepit" ciphers
+    from cryptography.hazmat.decrepit.ciphers.algorithms import CAST5
+except ImportError:  # pragma: no cover - older cryptography
+    CAST5 = algorithms.CAST5  # type: ignore[attr-defined,misc]
 
 SECTOR = 512
 SECTOR_BITS = 9
