@@ -18,11 +18,19 @@ from imgfs.block import chain, holes
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import CheckResult, ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
+from imgfs.cmd_keys import (
+    add_create_key_option,
+    add_image_key_option,
+    add_key_options,
+    image_keys,
+    print_locked_info,
+)
 from imgfs.cmd_serve import add_parser as add_serve_subcommand
 from imgfs.cmd_snapshot import add_parser as add_snapshot_parser
 from imgfs.dedup import command as cmd_dedup
 from imgfs.emulation.cli import add_subcommands as add_emulation_subcommands
-from imgfs.errors import ImgfsError, Unsupported, UsageError
+from imgfs.errors import ImgfsError, NeedsKey, Unsupported, UsageError
+from imgfs.keys import KeyRing
 
 if TYPE_CHECKING:
     from imgfs.fuse.ops import MountOptions
@@ -78,6 +86,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         detect_zeroes=detect_zeroes,
         discard=discard,
         seek_holes=seek_holes,
+        keys=KeyRing.from_args(args.key or [], args.key_dir),
     )
     log_file = args.log or default_log_path(args.mountpoint)
     # Check before forking so that the common mistakes are reported by this process.
@@ -212,7 +221,10 @@ def _print_info(info: ImageInfo) -> None:
 def cmd_info(args: argparse.Namespace) -> int:
     from imgfs import info_alloc
 
-    disk = open_disk(args.image, args.format, read_only=True)
+    try:
+        disk = open_disk(args.image, args.format, read_only=True, keys=image_keys(args))
+    except NeedsKey as e:
+        return print_locked_info(args, e)
     try:
         infos = disk.info()
         layers = list(chain.layers(disk.top))[: len(infos) if args.backing_chain else 1]
@@ -247,7 +259,9 @@ def _print_allocation(a: Any) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     repair = RepairMode(args.repair) if args.repair else RepairMode.NONE
-    disk = open_disk(args.image, args.format, read_only=repair is RepairMode.NONE)
+    disk = open_disk(
+        args.image, args.format, read_only=repair is RepairMode.NONE, keys=image_keys(args)
+    )
     try:
         try:
             result = disk.check(repair)
@@ -318,6 +332,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         options["backing_file"] = args.backing_file
     if args.backing_format:
         options["backing_fmt"] = args.backing_format
+    if args.key:
+        options["key-file"] = args.key  # the file's name; the passphrase stays in the file
     if args.filename is None:
         raise UsageError("FILE is needed")
     size = parse_size(args.size) if args.size is not None else None
@@ -333,15 +349,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from imgfs.create import parse_options
 
     bar = _ProgressBar() if args.progress else None
+    options = parse_options(args.o)
+    if args.target_key:
+        options["key-file"] = args.target_key  # the file's name, not the passphrase
     try:
         convert(
             args.source,
             args.destination,
             src_fmt=args.source_format,
             dst_fmt=args.output_format,
-            options=parse_options(args.o),
+            options=options,
             compress=args.compress,
             progress=bar,
+            keys=KeyRing.from_args(args.key or [], args.key_dir),
         )
     finally:
         if bar is not None:
@@ -451,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log", metavar="FILE", help="log file (default: under $XDG_STATE_HOME)")
     p.add_argument("--debug", action="store_true", help="log every request")
+    add_key_options(p)
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="flush every image, unmount and wait for the daemon")
@@ -462,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--format", help="image format (default: probe)")
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.add_argument("--backing-chain", action="store_true", help="describe every layer")
+    add_image_key_option(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("check", help="check an image's metadata (like qemu-img check)")
@@ -469,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--format", help="image format (default: probe)")
     p.add_argument("-r", "--repair", choices=["leaks", "all"])
     p.add_argument("--output", choices=["human", "json"], default="human")
+    add_image_key_option(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("create", help="create a new image (like qemu-img create)")
@@ -480,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("filename", metavar="FILE", nargs="?")
     p.add_argument("size", metavar="SIZE", nargs="?", help="bytes, or with a k/M/G/T suffix")
+    add_create_key_option(p)
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("convert", help="copy an image into a new one (like qemu-img convert)")
@@ -491,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("source", metavar="SRC")
     p.add_argument("destination", metavar="DST")
+    add_key_options(p, target=True)
     p.set_defaults(func=cmd_convert)
 
     add_snapshot_parser(sub)

@@ -20,6 +20,7 @@ from imgfs.block.driver import BlockDriver, OpenOptions
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import CacheMode, HostFile
 from imgfs.errors import CorruptImage, HostIOError, ImgfsError, InvalidRequest, NotPermitted
+from imgfs.keys import KeyRing
 
 # Deep enough for any real chain; it bounds open files and recursion for hostile ones.
 MAX_CHAIN_DEPTH = 64
@@ -70,11 +71,13 @@ def open_chain(
     containment: Containment | None = None,
     driver_options: Mapping[str, str] | None = None,
     snapshot: str | None = None,
+    keys: KeyRing | None = None,
 ) -> BlockDriver:
     """Open ``path`` (format ``fmt``, or probed) and its whole backing chain; ``snapshot``
     (an id or name) opens that internal snapshot of the top image instead, read-only.
 
-    Returns the top driver; its ``backing`` attribute links down the chain.
+    Returns the top driver; its ``backing`` attribute links down the chain. ``keys`` gives each
+    layer the passphrase of its own file (a backing image may have its own key).
     """
     if snapshot is not None:
         read_only = True
@@ -92,6 +95,7 @@ def open_chain(
             driver = _open_one(
                 current_path, current_fmt, writable, cache, containment, driver_options or {},
                 snapshot if parent is None else None,
+                keys,
             )  # fmt: skip
             if parent is None:
                 top = driver
@@ -146,6 +150,7 @@ def _open_one(
     containment: Containment,
     driver_options: Mapping[str, str],
     snapshot: str | None = None,
+    keys: KeyRing | None = None,
 ) -> BlockDriver:
     probed = fmt is None
     probe_is_raw = None
@@ -177,6 +182,7 @@ def _open_one(
         snapshot=snapshot,
     )
     try:
+        options.key = keys.lookup(path) if keys is not None else None
         return driver_cls.open(file, options)
     except ImgfsError:
         file.close()

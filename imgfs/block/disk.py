@@ -24,6 +24,7 @@ from imgfs.block.extent import Extent
 from imgfs.block.holes import AllocationCache, DetectZeroes, DiscardMode, is_zero
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import InvalidRequest, NoSpace, ReadOnly
+from imgfs.keys import KeyRing
 
 
 class Disk:
@@ -190,6 +191,7 @@ def open_disk(
     containment: chain.Containment | None = None,
     driver_options: Mapping[str, str] | None = None,
     snapshot: str | None = None,
+    keys: KeyRing | None = None,
 ) -> Disk:
     """Open an image and its backing chain as a Disk (``snapshot``: an internal snapshot of
     it, by id or name, read-only)."""
@@ -201,5 +203,6 @@ def open_disk(
         containment=containment,
         driver_options=driver_options,
         snapshot=snapshot,
+        keys=keys,
     )
     return Disk(top, cache, os.path.basename(path))

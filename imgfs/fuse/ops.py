@@ -33,6 +33,7 @@ from imgfs.block.disk import Disk, open_disk
 from imgfs.block.hostfile import CacheMode, WouldBlock, call_nowait
 from imgfs.errors import ImgfsError
 from imgfs.fuse.scan import DirectoryScanner, ImageEntry
+from imgfs.keys import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class MountOptions:
     detect_zeroes: holes.DetectZeroes = holes.DetectZeroes.OFF
     discard: holes.DiscardMode = holes.DiscardMode.UNMAP
     seek_holes: bool = True
+    # Passphrases of encrypted images (--key NAME=FILE, --key-dir DIR).
+    keys: KeyRing | None = None
 
 
 @dataclass(eq=False)
@@ -127,7 +130,10 @@ class ImageFS(pyfuse3.Operations):
             None if options.allow_external_files else self.images_dir
         )
         self.scanner = DirectoryScanner(
-            self.images_dir, self.containment, protect_backing=not options.writable_backing
+            self.images_dir,
+            self.containment,
+            protect_backing=not options.writable_backing,
+            keys=options.keys,
         )
         self.limiter = trio.CapacityLimiter(max(1, options.aio_threads))
         self.nodes: dict[str, Node] = {}  # by exported name
@@ -377,6 +383,7 @@ class ImageFS(pyfuse3.Operations):
                 containment=self.containment,
                 driver_options=self.options.driver_options,
                 snapshot=entry.snapshot,
+                keys=self.options.keys,
             )
         )
         disk.detect_zeroes = self.options.detect_zeroes

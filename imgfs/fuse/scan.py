@@ -26,6 +26,7 @@ from imgfs.block import chain, registry
 from imgfs.block.driver import SnapshotInfo
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import ImgfsError
+from imgfs.keys import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,17 @@ class _Probed:
 
 class DirectoryScanner:
     def __init__(
-        self, root: str, containment: chain.Containment, protect_backing: bool = True
+        self,
+        root: str,
+        containment: chain.Containment,
+        protect_backing: bool = True,
+        keys: KeyRing | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
         self.containment = containment
         self.protect_backing = protect_backing
-        self._cache: dict[str, tuple[tuple[int, int, int, int], _Probed]] = {}
+        self.keys = keys
+        self._cache: dict[str, tuple[tuple[object, ...], _Probed]] = {}
         self._reported: set[tuple[str, str]] = set()
         # real path of a backing image -> the exported disk that uses it (from the last scan)
         self._backing_users: dict[str, str] = {}
@@ -193,11 +199,23 @@ class DirectoryScanner:
             return None  # vanished, a dangling symlink, a bundle without its descriptor
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             return None
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, self._key_stamp(path))
         cached = self._cache.get(path)
         probed = cached[1] if cached and cached[0] == key else self._probe_safely(path, name, st)
         self._cache[path] = (key, probed)
         return st, probed
+
+    def _key_stamp(self, path: str) -> tuple[int, int] | None:
+        """When the image's key file was last changed: a key added or fixed while mounted
+        makes the image probe again (and appear)."""
+        key_file = self.keys.key_file(path) if self.keys is not None else None
+        if key_file is None:
+            return None
+        try:
+            st = os.stat(key_file)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns)
 
     def _entry(self, name: str, st: os.stat_result, probed: _Probed) -> ImageEntry | None:
         if probed.format is None:
@@ -251,7 +269,12 @@ class DirectoryScanner:
             return _Probed(fmt, st.st_size, True, companions, None)
         try:
             top = chain.open_chain(
-                path, fmt, read_only=True, cache=CacheMode.WRITEBACK, containment=self.containment
+                path,
+                fmt,
+                read_only=True,
+                cache=CacheMode.WRITEBACK,
+                containment=self.containment,
+                keys=self.keys,
             )
         except ImgfsError as e:
             return _Probed(fmt, 0, False, companions, str(e))

@@ -83,6 +83,7 @@ from imgfs.formats.qcow2.cache import (
     encode_u64,
 )
 from imgfs.formats.qcow2.create import CREATE_OPTIONS, create_image
+from imgfs.formats.qcow2.encryption import Encryption, encryption_info, open_encryption
 
 # Segment kinds produced by the mapper.
 DATA, ZERO, UNALLOC, COMPRESSED = 0, 1, 2, 3
@@ -150,6 +151,7 @@ class Qcow2Driver(BlockDriver):
         self._inflated_lock = threading.Lock()
         self._next_seq = -1  # where the last multi-piece/compressed read ended
         self._compress_cursor = 0  # host byte offset where the last compressed cluster ended
+        self.crypto: Encryption | None = None  # set when the image is encrypted (and unlocked)
         l2_cache_bytes = self._l2_cache_size(options)
         self.l2_cache_bytes = l2_cache_bytes
         self.l2_cache: TableCache[L2Table] = TableCache(
@@ -269,9 +271,12 @@ class Qcow2Driver(BlockDriver):
             self.bitmaps = L.parse_bitmap_directory(
                 bytes(self.file.pread(dir_offset, dir_size)), nb, path
             )
+        if h.crypt_method:
+            self.crypto = open_encryption(self.file, h, self.options.key, file_size)
+            self.cheap_reads = False  # type: ignore[misc]
         # Reads that decompress are not cheap: say so for zstd images and for images whose
         # first L2 tables hold compressed clusters (a sample, so open stays fast).
-        if h.compression_type != L.COMPRESSION_ZLIB or self._sample_compressed():
+        elif h.compression_type != L.COMPRESSION_ZLIB or self._sample_compressed():
             self.cheap_reads = False  # type: ignore[misc]
         if not self.read_only:
             self._open_for_write()
@@ -511,6 +516,8 @@ class Qcow2Driver(BlockDriver):
     # -- reads ----------------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        if self.crypto is not None:
+            return self._read_encrypted(offset, length)
         cb = self.cb
         gci = offset >> cb
         fast = compressed = False
@@ -556,6 +563,37 @@ class Qcow2Driver(BlockDriver):
         finally:
             self._read_done()
 
+    def _read_encrypted(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """Whole sectors are decrypted: the range is widened to sectors (the last one may
+        reach past an odd virtual size; its cluster is whole on the host)."""
+        start = offset & ~511
+        end = (offset + length + 511) & ~511
+        with self._lock:
+            segments = self._segments(start, end - start)
+            with self._inflight_lock:
+                self._inflight += 1
+        try:
+            out = self._read_segments(start, end - start, segments)
+        finally:
+            self._read_done()
+        if start == offset and end == offset + length:
+            return out
+        return memoryview(out)[offset - start : offset - start + length]
+
+    def _data_pread(self, target: HostFile, host: int, guest: int, n: int) -> bytes | bytearray:
+        data = target.pread(host, n)
+        if self.crypto is not None:
+            return self.crypto.decrypt(data, host, guest)
+        return data
+
+    def _data_pwrite(
+        self, target: HostFile, host: int, guest: int, data: bytes | bytearray | memoryview
+    ) -> None:
+        """Guest data to its host place (encrypted first in an encrypted image)."""
+        if self.crypto is not None:
+            data = self.crypto.encrypt(data, host, guest)
+        target.pwrite(host, data)
+
     def _read_done(self) -> None:
         with self._inflight_lock:
             self._inflight -= 1
@@ -581,7 +619,7 @@ class Qcow2Driver(BlockDriver):
         if len(segments) == 1:
             kind, g, n, host = segments[0]
             if kind == DATA:
-                return data_file.pread(host, n)
+                return self._data_pread(data_file, host, g, n)
             if kind == ZERO:
                 return bytes(n)
             if kind == UNALLOC:
@@ -592,7 +630,7 @@ class Qcow2Driver(BlockDriver):
         for kind, g, n, host in segments:
             at = g - offset
             if kind == DATA:
-                view[at : at + n] = data_file.pread(host, n)
+                view[at : at + n] = self._data_pread(data_file, host, g, n)
             elif kind == UNALLOC:
                 if self.backing is not None:
                     view[at : at + n] = self.read_backing(g, n)
@@ -603,6 +641,8 @@ class Qcow2Driver(BlockDriver):
     def _inflated_piece(self, entry: int, g: int, n: int, prev_end: int) -> memoryview:
         """Guest bytes [g, g + n) of one compressed cluster. A read continuing the previous one
         is sequential: inflate the cluster whole (once); otherwise stop at the end of the range."""
+        if self.crypto is not None:
+            raise CorruptImage(f"{self.file.path}: compressed cluster in an encrypted image")
         c_off = g & (self.cs - 1)
         whole = c_off == 0 and n == self.cs  # then it is not kept: nothing else wants it soon
         cluster = self._decompress(entry, self.cs if g == prev_end else c_off + n, not whole)
@@ -865,9 +905,27 @@ class Qcow2Driver(BlockDriver):
         view = memoryview(data).cast("B")
         with self._lock:
             self._before_write()
+            if self.crypto is not None and (offset | len(view)) & 511:
+                view, offset = self._widen_to_sectors(offset, view)
             self._write_locked(offset, view)
             if len(self._pending_free) > PENDING_FREE_LIMIT:
                 self._flush_locked()
+
+    def _widen_to_sectors(self, offset: int, view: memoryview) -> tuple[memoryview, int]:
+        """An encrypted image is written in whole sectors: complete the edge sectors from
+        their current content (under the metadata lock, so no other write slips between)."""
+        start = offset & ~511
+        end = (offset + len(view) + 511) & ~511
+        buf = (
+            bytearray(self._read_encrypted(start, offset - start))
+            if start < offset
+            else bytearray()
+        )
+        buf += view
+        if len(buf) < end - start:
+            tail = self._read_encrypted(end - 512, 512)
+            buf += memoryview(tail)[len(buf) - (end - 512 - start) :]
+        return memoryview(buf), start
 
     def _in_place(self, entry: int, bitmap: int, start: int, end: int) -> int | None:
         """Host offset for guest bytes [start, end) of one cluster when they can be written
@@ -923,7 +981,7 @@ class Qcow2Driver(BlockDriver):
                         f"{target.path}: qcow2 data cluster at {host & ~(cs - 1)} lies past "
                         f"the end of the file ({self._data_end(target)} bytes)"
                     )
-                target.pwrite(host, view[pos - offset : run_end - offset])
+                self._data_pwrite(target, host, pos, view[pos - offset : run_end - offset])
                 pos = run_end
                 continue
             if (
@@ -955,7 +1013,7 @@ class Qcow2Driver(BlockDriver):
         if cend < hi:
             buf += self._old_content(cend, hi)
         host = entry & L.L2E_OFFSET_MASK
-        (self.data_file or self.file).pwrite(host + (s0 << sb), buf)
+        self._data_pwrite(self.data_file or self.file, host + (s0 << sb), lo, buf)
         mask = ((1 << (s1 + 1)) - 1) & ~((1 << s0) - 1)
         bitmap = (bitmap | mask) & ~(mask << 32)
         self._set_entry(gci, entry, bitmap)
@@ -1004,6 +1062,7 @@ class Qcow2Driver(BlockDriver):
         elif (
             not self.extl2
             and self.data_file is None
+            and self.crypto is None  # zeros on the host do not decrypt to zeros
             and self._reads_zero_entry(entries[0][0])
             and self._reads_zero_entry(entries[count - 1][0])
         ):
@@ -1026,7 +1085,7 @@ class Qcow2Driver(BlockDriver):
             if run_end < hi:
                 b += self._old_content(run_end, hi)
             buf = b
-        target.pwrite(host + (lo - first_start), buf)
+        self._data_pwrite(target, host + (lo - first_start), lo, buf)
         if self.data_file is None and self.file.size() < new_end:
             self.file.truncate(new_end)  # whole clusters, as qemu-img check expects
         return self._point_l2(gci, count, entries, host, lo, hi, run_end)
@@ -1306,6 +1365,9 @@ class Qcow2Driver(BlockDriver):
 
     def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._writable()
+        if self.crypto is not None:
+            raise Unsupported(f"{self.file.path}: encrypted qcow2 images have no compressed "
+                              "clusters")  # fmt: skip
         if self.data_file is not None:
             raise Unsupported(f"{self.file.path}: qcow2 images with a data file have no "
                               "compressed clusters")  # fmt: skip
@@ -1577,6 +1639,12 @@ class Qcow2Driver(BlockDriver):
             spec["corrupt"] = bool(h.incompatible & L.INCOMPAT_CORRUPT)
             spec["extended-l2"] = self.extl2
         spec["l2-cache-size"] = self.l2_cache_bytes
+        if h.crypt_method:
+            spec["encrypt"] = (
+                self.crypto.format_specific()
+                if self.crypto is not None
+                else encryption_info(self.file, h, self.file.size())
+            )
         snapshots = [
             {
                 **({"icount": e.icount} if e.icount is not None else {}),
@@ -1600,6 +1668,7 @@ class Qcow2Driver(BlockDriver):
             backing_filename=self.backing_name,
             backing_filename_format=self.backing_fmt,
             format_specific=spec,
+            encrypted=bool(h.crypt_method),
             snapshots=snapshots,
             notes=list(self.notes),
         )

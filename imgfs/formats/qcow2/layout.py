@@ -178,8 +178,8 @@ def parse_header(buf: bytes, path: str) -> Header:
             h.compression_type = buf[COMPRESSION_TYPE_OFFSET]
     if h.refcount_order > 6:
         raise CorruptImage(f"{path}: qcow2 refcount_order {h.refcount_order} exceeds 6")
-    if h.crypt_method != 0:
-        raise Unsupported(f"{path}: encrypted qcow2 images are not supported yet")
+    if h.crypt_method not in (0, 1, 2):
+        raise Unsupported(f"{path}: qcow2 crypt_method {h.crypt_method} is unknown")
     if bool(h.incompatible & INCOMPAT_COMPRESSION) != (h.compression_type != COMPRESSION_ZLIB):
         raise CorruptImage(
             f"{path}: qcow2 compression_type {h.compression_type} does not match the "
