@@ -7,6 +7,8 @@ import sys
 from typing import Any
 
 from imgfs.block.hostfile import CacheMode
+from imgfs.cmd_keys import add_key_options
+from imgfs.keys import KeyRing
 
 
 def add_parser(sub: Any) -> None:
@@ -77,6 +79,7 @@ def add_parser(sub: Any) -> None:
         metavar="N",
         help="clients served at once (default: 64)",
     )
+    add_key_options(p)
     p.add_argument("--log", metavar="FILE", help="also log to FILE")
     p.add_argument("--debug", action="store_true", help="log debugging detail")
     p.set_defaults(func=run)
@@ -107,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         tls_required=args.tls,
         max_connections=args.max_connections,
         detect_zeroes=args.detect_zeroes,
+        keys=KeyRing.from_args(args.key or [], args.key_dir),
     )
     address = parse_listen(args.listen)
     check_images_dir(args.images_dir)

@@ -49,6 +49,7 @@ from imgfs.block.extent import Allocation
 from imgfs.block.hostfile import CacheMode, WouldBlock, call_nowait
 from imgfs.errors import ImgfsError, UsageError
 from imgfs.fuse.scan import EXPORT_SUFFIX, DirectoryScanner, ImageEntry
+from imgfs.keys import KeyRing
 from imgfs.nbd import protocol as P
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ class ServeOptions:
     detect_zeroes: str = "off"
     max_requests: int = 16  # per connection, in flight
     max_buffered: int = 64 * 1024 * 1024  # payload bytes per connection, in flight
+    #: Passphrases of encrypted images (--key NAME=FILE, --key-dir DIR).
+    keys: KeyRing | None = None
 
 
 class Disconnect(Exception):
@@ -184,7 +187,10 @@ class NBDServer:
             None if options.allow_external_files else self.images_dir
         )
         self.scanner = DirectoryScanner(
-            self.images_dir, self.containment, protect_backing=not options.writable_backing
+            self.images_dir,
+            self.containment,
+            protect_backing=not options.writable_backing,
+            keys=options.keys,
         )
         self.limiter = trio.CapacityLimiter(max(1, options.aio_threads))
         self.entries: dict[str, ImageEntry] = {}
@@ -248,6 +254,7 @@ class NBDServer:
                             cache=self.options.cache,
                             containment=self.containment,
                             driver_options=self.options.driver_options,
+                            keys=self.options.keys,
                         )
                     )
                 remote = _remote(disk.top)

@@ -432,3 +432,24 @@ def test_detect_zeroes_unmap(images: Path, tmp_path: Path) -> None:
     assert raw.read_bytes() == data
     runs = map_runs(str(raw), "raw")
     assert (1 * MiB, 1 * MiB, False, True) in runs  # deallocated, not written
+
+
+def test_encrypted_image_served_with_its_key(images: Path, tmp_path: Path) -> None:
+    """--key-dir reaches the server's scanner and opens: a LUKS qcow2 reads over NBD as qemu
+    decrypts it, and the passphrase never appears in the server's log."""
+    from tests.formats.crypto_util import PASSPHRASE, key_file, qemu_create, qemu_io, qemu_raw
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    pw = key_file(keys, name="enc.qcow2.key")
+    image = images / "enc.qcow2"
+    qemu_create(image, "qcow2", "4M", pw, "encrypt.format=luks,encrypt.iter-time=10")
+    qemu_io(image, "qcow2", pw, "write -P 0x5a 64k 1M")
+    expected = qemu_raw(image, "qcow2", pw, tmp_path / "expected.raw").read_bytes()
+    log = tmp_path / "serve.log"
+    with imgfs_serve(images, "--key-dir", str(keys), log=log) as server:
+        out = tmp_path / "out.raw"
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", server.export("enc.qcow2"), str(out))
+        assert out.read_bytes() == expected
+        stopped_cleanly(server)
+    assert PASSPHRASE.strip().decode() not in log.read_text(errors="replace")
