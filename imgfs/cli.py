@@ -85,9 +85,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def split_mount_options(items: list[str]) -> tuple[list[str], dict[str, str]]:
     """``-o`` items into FUSE options and format run-time options (the keys some driver names
     in ``runtime_options``, such as ``l2-cache-size``)."""
+    from imgfs import remote
     from imgfs.block import registry
 
     driver_keys = {key for d in registry.all_drivers() for key in d.runtime_options}
+    driver_keys.update(remote.runtime_options())  # ca-file, http-timeout, ...
     fuse: list[str] = []
     driver: dict[str, str] = {}
     for item in items:

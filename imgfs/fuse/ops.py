@@ -118,7 +118,10 @@ class ImageFS(pyfuse3.Operations):
             None if options.allow_external_files else self.images_dir
         )
         self.scanner = DirectoryScanner(
-            self.images_dir, self.containment, protect_backing=not options.writable_backing
+            self.images_dir,
+            self.containment,
+            protect_backing=not options.writable_backing,
+            driver_options=options.driver_options,
         )
         self.limiter = trio.CapacityLimiter(max(1, options.aio_threads))
         self.nodes: dict[str, Node] = {}  # by exported name

@@ -8,7 +8,9 @@ the images is not exported as a disk. Probe results are cached by (device, inode
 A disk that another disk in the directory uses as its backing image is exported read-only
 (unless the mount says otherwise): writing a base image silently corrupts every overlay on it.
 A Parallels Desktop bundle (a ``NAME.hdd`` directory holding ``DiskDescriptor.xml``) is one disk,
-opened through its descriptor.
+opened through its descriptor. A ``NAME.url`` file holds the URL of a remote image (its first
+line that is neither blank nor a ``#`` comment) and exports ``NAME.raw``, read-only: the remote
+object is probed once per change of the ``.url`` file, not on every scan.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from imgfs import remote
 from imgfs.block import chain, registry
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import ImgfsError
@@ -44,6 +48,9 @@ NON_DISK_EXTENSIONS = frozenset(
 SECTOR = 512
 # A directory that is one disk, and the file inside it that the driver opens.
 BUNDLE_DESCRIPTORS = {".hdd": "DiskDescriptor.xml"}
+# A file naming a remote image: NAME.url exports NAME.raw.
+URL_SUFFIX = ".url"
+MAX_URL_FILE = 64 * 1024
 
 
 def looks_like_raw_disk(name: str, size: int) -> bool:
@@ -78,13 +85,20 @@ class _Probed:
     companions: tuple[str, ...]
     error: str | None
     backing_files: tuple[str, ...] = ()  # real paths of every image under this one
+    url: str | None = None  # a NAME.url file's URL: what the disk opens
 
 
 class DirectoryScanner:
     def __init__(
-        self, root: str, containment: chain.Containment, protect_backing: bool = True
+        self,
+        root: str,
+        containment: chain.Containment,
+        protect_backing: bool = True,
+        driver_options: Mapping[str, str] | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
+        # -o options: remote images need theirs (ca-file, timeouts) to be probed at all
+        self.driver_options = dict(driver_options or {})
         self.containment = containment
         self.protect_backing = protect_backing
         self._cache: dict[str, tuple[tuple[int, int, int, int], _Probed]] = {}
@@ -120,7 +134,9 @@ class DirectoryScanner:
             if os.path.realpath(self._image_path(name)) in claimed:
                 continue
             entry = self._entry(name, st, probed)
-            if entry is not None:
+            if entry is not None and entry.name in entries:  # disk.qcow2 and disk.qcow2.url
+                self._report_once(name, f"{entry.name} is {entries[entry.name].source_name}")
+            elif entry is not None:
                 entries[entry.name] = entry
         return entries
 
@@ -166,6 +182,9 @@ class DirectoryScanner:
         # chmod a-w is how people protect an image.
         writable = probed.supports_write and st.st_mode & 0o222 != 0 and os.access(path, os.W_OK)
         exported = name + EXPORT_SUFFIX
+        if probed.url is not None:
+            path, writable = probed.url, False
+            exported = name.removesuffix(URL_SUFFIX) + EXPORT_SUFFIX
         reason = None
         user = self._backing_users.get(os.path.realpath(path))
         if writable and self.protect_backing and user is not None:
@@ -191,6 +210,8 @@ class DirectoryScanner:
             return _Probed("?", 0, False, (), f"unexpected error: {e!r}")
 
     def _probe(self, path: str, name: str, st: os.stat_result) -> _Probed:
+        if name.endswith(URL_SUFFIX):
+            return self._probe_url(path)
         try:
             self.containment.check(path, "image", self.root)
             driver_cls = registry.probe_file(path)
@@ -212,9 +233,49 @@ class DirectoryScanner:
         except ImgfsError as e:
             return _Probed(fmt, 0, False, companions, str(e))
         try:
-            backing = tuple(os.path.realpath(n.file.path) for n in list(chain.layers(top))[1:])
+            backing = tuple(
+                os.path.realpath(n.file.path)
+                for n in list(chain.layers(top))[1:]
+                if not remote.is_url(n.file.path)
+            )
             return _Probed(
                 fmt, top.virtual_size, driver_cls.supports_write, companions, None, backing
             )
         finally:
             chain.close_chain(top)
+
+    def _probe_url(self, path: str) -> _Probed:
+        """A ``NAME.url`` file: open the remote image it names (and its chain) once."""
+        try:
+            url = read_url_file(path)
+            top = chain.open_chain(
+                url,
+                None,
+                read_only=True,
+                cache=CacheMode.WRITEBACK,
+                containment=self.containment,
+                driver_options=self.driver_options,
+            )
+        except ImgfsError as e:
+            return _Probed("?", 0, False, (), str(e))
+        try:
+            return _Probed(top.format_name, top.virtual_size, False, (), None, url=url)
+        finally:
+            chain.close_chain(top)
+
+
+def read_url_file(path: str) -> str:
+    """The URL a ``NAME.url`` file holds: its first line that is not blank or a # comment."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_URL_FILE).decode("utf-8", "replace")
+    except OSError as e:
+        raise ImgfsError(f"cannot read: {e.strerror}") from None
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            if not remote.is_url(line):
+                schemes = ", ".join(sorted(remote.SCHEMES))
+                raise ImgfsError(f"{line!r} is not a URL of a known scheme ({schemes})")
+            return line
+    raise ImgfsError("holds no URL")
