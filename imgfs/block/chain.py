@@ -186,8 +186,18 @@ def _open_one(
         if is_url
         else None
     )
+    directory_file = None
+    if url_file is None and os.path.isdir(path) and (fmt or _dir_format(path)):
+        # A directory is a disk only for a driver that builds one from it: NAME.vvfat, -f vvfat.
+        driver_cls = registry.get_driver(fmt or _dir_format(path))
+        if not getattr(driver_cls, "opens_directories", False):
+            raise HostIOError(f"{path}: is a directory", errno.EISDIR)
+        directory_file = driver_cls.directory_file(path)  # type: ignore[attr-defined]
+        probed = False
     try:
-        if probed:
+        if directory_file is not None:
+            pass
+        elif probed:
             probe_input = (
                 registry.read_probe_input(path)
                 if url_file is None
@@ -207,7 +217,9 @@ def _open_one(
 
     if (writable and not driver_cls.supports_write) or url_file is not None:
         writable = False
-    file = url_file or open_host_file(path, writable=writable, cache=cache)
+    if directory_file is not None:
+        writable = False
+    file = url_file or directory_file or open_host_file(path, writable=writable, cache=cache)
 
     def open_companion(name: str, want_write: bool) -> HostFile:
         if is_url:  # an extent or data file of a remote image: on the same server only
@@ -239,6 +251,11 @@ def _open_one(
     except OSError as e:
         file.close()
         raise HostIOError(f"{path}: {e.strerror or e}", e.errno or errno.EIO) from e
+
+
+def _dir_format(path: str) -> str:
+    """The format a directory's name asks for (``NAME.vvfat``), or ""."""
+    return "vvfat" if path.rstrip(os.sep).endswith(".vvfat") else ""
 
 
 def _probe_input_of(file: HostFile, url: str) -> ProbeInput:

@@ -48,6 +48,8 @@ NON_DISK_EXTENSIONS = frozenset(
 SECTOR = 512
 # A directory that is one disk, and the file inside it that the driver opens.
 BUNDLE_DESCRIPTORS = {".hdd": "DiskDescriptor.xml"}
+# A directory exported as a FAT32 disk: NAME.vvfat exports NAME.vvfat.raw.
+VVFAT_SUFFIX = ".vvfat"
 # A file naming a remote image: NAME.url exports NAME.raw.
 URL_SUFFIX = ".url"
 MAX_URL_FILE = 64 * 1024
@@ -163,7 +165,8 @@ class DirectoryScanner:
             st = os.stat(path)
         except OSError:
             return None  # vanished, a dangling symlink, a bundle without its descriptor
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        is_vvfat = stat.S_ISDIR(st.st_mode) and name.endswith(VVFAT_SUFFIX)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or is_vvfat):
             return None
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         cached = self._cache.get(path)
@@ -212,6 +215,8 @@ class DirectoryScanner:
     def _probe(self, path: str, name: str, st: os.stat_result) -> _Probed:
         if name.endswith(URL_SUFFIX):
             return self._probe_url(path)
+        if name.endswith(VVFAT_SUFFIX) and stat.S_ISDIR(st.st_mode):
+            return self._probe_vvfat(path)
         try:
             self.containment.check(path, "image", self.root)
             driver_cls = registry.probe_file(path)
@@ -241,6 +246,19 @@ class DirectoryScanner:
             return _Probed(
                 fmt, top.virtual_size, driver_cls.supports_write, companions, None, backing
             )
+        finally:
+            chain.close_chain(top)
+
+    def _probe_vvfat(self, path: str) -> _Probed:
+        """A ``NAME.vvfat`` directory: its FAT32 layout (the tree is walked once per change of
+        the directory's own mtime; the disk itself scans again when it opens)."""
+        try:
+            self.containment.check(path, "image", self.root)
+            top = chain.open_chain(path, "vvfat", read_only=True, containment=self.containment)
+        except ImgfsError as e:
+            return _Probed("?", 0, False, (), str(e))
+        try:
+            return _Probed(top.format_name, top.virtual_size, False, (), None)
         finally:
             chain.close_chain(top)
 
