@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import concurrent.futures
 import errno
 import http.client
 import logging
@@ -182,6 +183,7 @@ class HttpFile:
         self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._cache_blocks = max(2, options.cache_size // options.block_size)
         self._inflight: dict[int, threading.Event] = {}
+        self._prefetcher: concurrent.futures.ThreadPoolExecutor | None = None
         # next expected block of a sequential reader -> its read-ahead window in blocks
         self._streams: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._set_target(url)
@@ -465,41 +467,36 @@ class HttpFile:
         return memoryview(out)
 
     def _blocks(self, offset: int, end: int) -> dict[int, bytes]:
-        """The blocks holding ``[offset, end)``, from the cache or fetched (with read-ahead),
-        single-flight: a block another thread is fetching is waited for, not fetched again."""
+        """The blocks holding ``[offset, end)``, from the cache or fetched, single-flight: a
+        block another thread is fetching is waited for, not fetched again. A sequential reader
+        also starts a background fetch of the blocks after it (the read-ahead window), so the
+        next reads find them in the cache or already on the way."""
         bs = self.options.block_size
         first, last = offset // bs, (end - 1) // bs
         nblocks = -(-self._size // bs)
         found: dict[int, bytes] = {}
         mine: list[int] = []
+        ahead: list[int] = []
         waits: list[tuple[int, threading.Event]] = []
         with self._lock:
             window = self._track_stream(offset, end)
             for index in range(first, last + 1):
                 self._claim(index, found, mine, waits)
             # Read ahead when a sequential reader is about to run out of fetched blocks.
-            ahead = last + 1 + window // 2
-            if window and ahead < nblocks and ahead not in self._cache:
+            trigger = last + 1 + window // 2
+            if (
+                window
+                and trigger < nblocks
+                and trigger not in self._cache
+                and trigger not in self._inflight
+            ):
                 for index in range(last + 1, min(nblocks, last + 1 + window)):
                     if index not in self._cache and index not in self._inflight:
                         self._inflight[index] = threading.Event()
-                        mine.append(index)
-        try:
-            for run_first, run_last in _runs(mine, MAX_REQUEST // bs):
-                data = self._request(run_first * bs, (run_last - run_first + 1) * bs)
-                with self._lock:
-                    for index in range(run_first, run_last + 1):
-                        block = bytes(data[(index - run_first) * bs : (index - run_first + 1) * bs])
-                        if first <= index <= last:
-                            found[index] = block
-                        self._cache[index] = block
-                        self._cache.move_to_end(index)
-                    while len(self._cache) > self._cache_blocks:
-                        self._cache.popitem(last=False)
-        finally:
-            with self._lock:
-                for index in mine:
-                    self._inflight.pop(index).set()
+                        ahead.append(index)
+        if ahead:
+            self._start_prefetch(ahead)
+        self._fetch_claimed(mine, found)
         for index, event in waits:
             event.wait()
             with self._lock:
@@ -508,6 +505,47 @@ class HttpFile:
                 block = bytes(self._request(index * bs, bs))
             found[index] = block
         return found
+
+    def _fetch_claimed(self, indices: list[int], found: dict[int, bytes] | None) -> None:
+        """Fetch blocks this thread claimed (in ``_inflight``) into the cache (and ``found``);
+        their events are set whatever happens, so waiters never hang."""
+        bs = self.options.block_size
+        try:
+            for run_first, run_last in _runs(indices, MAX_REQUEST // bs):
+                data = self._request(run_first * bs, (run_last - run_first + 1) * bs)
+                with self._lock:
+                    for index in range(run_first, run_last + 1):
+                        block = bytes(data[(index - run_first) * bs : (index - run_first + 1) * bs])
+                        if found is not None:
+                            found[index] = block
+                        self._cache[index] = block
+                        self._cache.move_to_end(index)
+                    while len(self._cache) > self._cache_blocks:
+                        self._cache.popitem(last=False)
+        finally:
+            with self._lock:
+                for index in indices:
+                    self._inflight.pop(index).set()
+
+    def _start_prefetch(self, indices: list[int]) -> None:
+        with self._lock:
+            if self._prefetcher is None:
+                self._prefetcher = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="imgfs-http-readahead"
+                )
+            executor = self._prefetcher
+        try:
+            executor.submit(self._prefetch, indices)
+        except RuntimeError:  # shut down (closing): release the claims
+            with self._lock:
+                for index in indices:
+                    self._inflight.pop(index).set()
+
+    def _prefetch(self, indices: list[int]) -> None:
+        try:
+            self._fetch_claimed(indices, None)
+        except Exception as e:  # a reader that needs the block fetches it and reports
+            log.debug("%s: read-ahead failed: %s", self.path, e)
 
     def _claim(
         self,
@@ -560,6 +598,10 @@ class HttpFile:
             conn.close()
 
     def close(self) -> None:
+        with self._lock:
+            prefetcher, self._prefetcher = self._prefetcher, None
+        if prefetcher is not None:
+            prefetcher.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             self._closed = True
             self._cache.clear()
