@@ -59,6 +59,8 @@ class MountOptions:
     writable_backing: bool = False
     # Format run-time options (-o KEY=VALUE that a driver names, e.g. l2-cache-size).
     driver_options: dict[str, str] = field(default_factory=dict)
+    # Disks named on the command line: NAME -> URL (--url) or directory (--vvfat).
+    extra_images: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -122,6 +124,7 @@ class ImageFS(pyfuse3.Operations):
             self.containment,
             protect_backing=not options.writable_backing,
             driver_options=options.driver_options,
+            extra_images=options.extra_images,
         )
         self.limiter = trio.CapacityLimiter(max(1, options.aio_threads))
         self.nodes: dict[str, Node] = {}  # by exported name

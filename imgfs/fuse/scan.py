@@ -50,6 +50,8 @@ SECTOR = 512
 BUNDLE_DESCRIPTORS = {".hdd": "DiskDescriptor.xml"}
 # A directory exported as a FAT32 disk: NAME.vvfat exports NAME.vvfat.raw.
 VVFAT_SUFFIX = ".vvfat"
+# Cache keys of the disks named on the command line (not directory entries).
+EXTRA_KEY = "\0extra:"
 # A file naming a remote image: NAME.url exports NAME.raw.
 URL_SUFFIX = ".url"
 MAX_URL_FILE = 64 * 1024
@@ -97,8 +99,11 @@ class DirectoryScanner:
         containment: chain.Containment,
         protect_backing: bool = True,
         driver_options: Mapping[str, str] | None = None,
+        extra_images: Mapping[str, str] | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
+        # NAME -> URL or directory given on the command line (--url, --vvfat): NAME.raw
+        self.extra_images = dict(extra_images or {})
         # -o options: remote images need theirs (ca-file, timeouts) to be probed at all
         self.driver_options = dict(driver_options or {})
         self.containment = containment
@@ -123,6 +128,7 @@ class DirectoryScanner:
                 claimed.update(examined[1].companions)
                 found.append((name, *examined))
         seen_paths = {self._image_path(name) for name, _, _ in found}
+        seen_paths.update(EXTRA_KEY + name for name in self.extra_images)
         for stale in set(self._cache) - seen_paths:
             del self._cache[stale]
         self._backing_users = {
@@ -140,7 +146,56 @@ class DirectoryScanner:
                 self._report_once(name, f"{entry.name} is {entries[entry.name].source_name}")
             elif entry is not None:
                 entries[entry.name] = entry
+        for name, target in self.extra_images.items():
+            entry = self._extra_entry(name, target)
+            if entry is not None and entry.name in entries:
+                self._report_once(name, f"{entry.name} is {entries[entry.name].source_name}")
+            elif entry is not None:
+                entries[entry.name] = entry
         return entries
+
+    def _extra_entry(self, name: str, target: str) -> ImageEntry | None:
+        """A disk named on the command line: a URL (owner and times from IMAGES_DIR) or a
+        directory exported as vvfat. Probed once per change of what its stat says."""
+        is_url = remote.is_url(target)
+        try:
+            st = os.stat(self.root if is_url else target)
+        except OSError as e:
+            self._report_once(name, f"{target}: {e.strerror}")
+            return None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._cache.get(EXTRA_KEY + name)
+        if cached and cached[0] == key:
+            probed = cached[1]
+        else:
+            probed = self._probe_extra(target, is_url)
+            self._cache[EXTRA_KEY + name] = (key, probed)
+        if probed.error is not None:
+            self._report_once(name, probed.error)
+            return None
+        path = target if is_url else os.path.abspath(target)
+        return ImageEntry(
+            name + EXPORT_SUFFIX, path, probed.format, probed.virtual_size, False, st, name
+        )
+
+    def _probe_extra(self, target: str, is_url: bool) -> _Probed:
+        try:
+            if is_url:
+                top = chain.open_chain(
+                    target,
+                    None,
+                    read_only=True,
+                    containment=self.containment,
+                    driver_options=self.driver_options,
+                )
+            else:  # the user named this directory: no containment for it
+                top = chain.open_chain(target, "vvfat", read_only=True)
+        except ImgfsError as e:
+            return _Probed("?", 0, False, (), str(e))
+        try:
+            return _Probed(top.format_name, top.virtual_size, False, (), None, url=target)
+        finally:
+            chain.close_chain(top)
 
     def refresh(self, name: str) -> ImageEntry | None:
         """One image file again (after imgfs changed it), without rescanning the directory."""

@@ -147,6 +147,16 @@ def test_through_a_mount_and_read_only(
         open(exported, "r+b").close()
 
 
+def test_mount_vvfat_option(
+    tree: tuple[Path, dict[str, bytes]], images: Path, tmp_path: Path, mount
+) -> None:
+    root, files = tree  # outside IMAGES_DIR: named on the command line, so allowed
+    m = mount(images, "--vvfat", f"share={root}")
+    assert os.listdir(m.path) == ["share.raw"]
+    mtools_copy_all(m.file("share"), tmp_path / "copy")
+    assert read_tree(tmp_path / "copy") == files
+
+
 @pytest.mark.skipif(
     "vfat" not in Path("/proc/filesystems").read_text() or os.geteuid() != 0,
     reason="this kernel has no vfat file system (or not root): loop mount impossible",

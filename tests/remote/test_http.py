@@ -103,6 +103,15 @@ def test_every_format_through_a_mount_equals_qemu(
             f.write(b"x")
 
 
+def test_mount_url_option(served: dict[str, Path], nginx: Nginx, images: Path, tmp_path: Path,
+                          mount) -> None:  # fmt: skip
+    m = mount(images, "--url", f"remote.qcow2={nginx.url}/disk.qcow2")
+    assert os.listdir(m.path) == ["remote.qcow2.raw"]
+    assert_same_bytes(m.file("remote.qcow2"), qemu_raw(served["disk.qcow2"], tmp_path / "e.raw"))
+    bad = run_imgfs("mount", "--url", "x=/etc/passwd", str(images), str(tmp_path / "mnt2"))
+    assert bad.returncode != 0 and "is not a URL" in bad.stderr
+
+
 def test_info_and_convert_from_url(served: dict[str, Path], nginx: Nginx, tmp_path: Path) -> None:
     url = f"{nginx.url}/stream.vmdk"
     result = run_imgfs("info", "--output", "json", url, check=True)
