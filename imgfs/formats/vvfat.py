@@ -60,6 +60,8 @@ LFN_CHARS = 13
 ATTR_READ_ONLY, ATTR_DIRECTORY, ATTR_ARCHIVE, ATTR_LFN = 0x01, 0x10, 0x20, 0x0F
 PARTITION_TYPE_FAT32_LBA = 0x0C
 MAX_OPEN_FILES = 64
+# Files and directories in one exported tree: bounds the memory the scan takes (~200 B each).
+MAX_NODES = 1_000_000
 
 BOOT = struct.Struct("<3s8sHBHBHHBHHHIIIHHIHH12sBBBI11s8s")
 assert BOOT.size == 90
@@ -119,6 +121,7 @@ def scan_tree(root: str) -> Node:
     st = os.stat(root)
     top = Node("", root, True, 0, st.st_mtime)
     pending = [top]
+    nodes = 0
     while pending:
         node = pending.pop()
         try:
@@ -148,6 +151,11 @@ def scan_tree(root: str) -> Node:
                 log.warning("%s: left out of the vvfat disk: not a regular file or directory", path)
                 continue
             node.children.append(child)
+            nodes += 1
+            if nodes > MAX_NODES:
+                raise VvfatLayoutError(
+                    f"{root}: more than {MAX_NODES} files and directories; export a smaller tree"
+                )
     return top
 
 
@@ -301,9 +309,9 @@ class Layout:
         self.volume_id = volume_id
         dirs: list[Node] = []
         files: list[Node] = []
-        queue = [root]
+        queue = collections.deque([root])
         while queue:  # breadth first: each directory's entries before its subdirectories
-            node = queue.pop(0)
+            node = queue.popleft()
             dirs.append(node)
             assign_short_names(node.children)
             for child in node.children:

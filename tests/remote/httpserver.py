@@ -134,12 +134,13 @@ def serve_in_thread(handler: type[http.server.BaseHTTPRequestHandler]) -> tuple[
 
 
 def file_handler(path: Path, *, honour_range: bool = True, drop_first: int = 0,
-                 stall: float = 0.0, fail_status: int = 0, fail_first: int = 0
+                 stall: float = 0.0, fail_status: int = 0, fail_first: int = 0,
+                 content_range: bool = True,
                  ) -> type[http.server.BaseHTTPRequestHandler]:  # fmt: skip
     """A handler serving one file at any URL path, misbehaving as asked: ignoring Range (200
     with the whole body), closing the first ``drop_first`` connections without an answer,
-    answering ``fail_status`` to the first ``fail_first`` requests, or stalling ``stall``
-    seconds before every answer."""
+    answering ``fail_status`` to the first ``fail_first`` requests, stalling ``stall``
+    seconds before every answer, or leaving out Content-Range."""
     state = {"dropped": 0, "failed": 0, "requests": 0}
     lock = threading.Lock()
 
@@ -178,7 +179,8 @@ def file_handler(path: Path, *, honour_range: bool = True, drop_first: int = 0,
             first_text, _, last_text = rng.removeprefix("bytes=").partition("-")
             first, last = int(first_text), min(int(last_text), len(data) - 1)
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+            if content_range:
+                self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
             self.send_header("Content-Length", str(last - first + 1))
             self.end_headers()
             self.wfile.write(data[first : last + 1])

@@ -251,6 +251,16 @@ def test_server_ignoring_range_gives_one_line(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_206_without_content_range_gives_one_line(tmp_path: Path) -> None:
+    pattern_image(tmp_path / "x.img", MiB)
+    url, server = serve_in_thread(file_handler(tmp_path / "x.img", content_range=False))
+    try:
+        with pytest.raises(Unsupported, match="no usable Content-Range"):
+            open_disk(f"{url}/x.img")
+    finally:
+        server.stop()
+
+
 def test_404_and_403_give_one_line(nginx: Nginx, www: Path) -> None:
     result = run_imgfs("info", f"{nginx.url}/missing.qcow2")
     assert result.returncode == 1
