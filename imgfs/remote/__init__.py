@@ -60,7 +60,10 @@ def is_url(name: str) -> bool:
     if "://" not in name:
         return False
     _load_backends()
-    return urlsplit(name).scheme in SCHEMES
+    try:
+        return urlsplit(name).scheme in SCHEMES
+    except ValueError:  # "http://[::1" and the like: not a URL we can open
+        return False
 
 
 def same_origin(a: str, b: str) -> bool:
