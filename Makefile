@@ -16,17 +16,29 @@ VENV_STAMP  := $(VENV)/.imgfs-installed
 DEMO_IMAGES := demo/images
 MNT         := mnt
 PYTEST_ARGS ?=
+# pyfuse3 is built from its PyPI sdist with third_party/pyfuse3's patch applied (fallocate and
+# lseek handlers: hole punching and SEEK_DATA/SEEK_HOLE on the exported files). Cython and the
+# other build requirements live only in pip's isolated build environment.
+PYFUSE3_VERSION := 3.5.0
+PYFUSE3_PATCH   := third_party/pyfuse3/0001-fallocate-lseek.patch
+PYFUSE3_STAMP   := $(VENV)/.pyfuse3-patched
+PYFUSE3_BUILD   := $(VENV)/pyfuse3-build
 
 # Debian packages the build, the tests and the demo use (bsdextrautils brings hexdump, which the
 # demo's hints use; cloop-utils, bochs, uml-utilities, dmg2img and libvhdi-utils are format
-# oracles the tests compare against). python3-venv / python3-dev are added by `deps` only when $(PYTHON) lacks
-# venv+ensurepip or its C headers (Debian's own python3 does; the pyenv build on the development
-# machines has both).
+# oracles the tests compare against; nginx-light, nbdkit, libnbd-bin and qemu-block-extra (qemu's
+# curl driver) are the real HTTP and NBD peers of the remote tests; mtools, dosfstools read back
+# vvfat disks; xfsprogs and btrfs-progs make the reflink file systems dedup is tested on).
+# python3-venv / python3-dev are added by `deps` only when $(PYTHON) lacks venv+ensurepip or its
+# C headers (Debian's own python3 does; the pyenv build on the development machines has both).
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc \
                 qemu-utils qemu-system-common qemu-system-x86 \
                 fio fdisk e2fsprogs util-linux cpio strace \
                 bsdextrautils \
-                cloop-utils bochs uml-utilities dmg2img libvhdi-utils
+                cloop-utils bochs uml-utilities dmg2img libvhdi-utils \
+                nginx-light nbdkit libnbd-bin qemu-block-extra \
+                mtools dosfstools xfsprogs btrfs-progs \
+                patch
 
 # true when MNT is a mount point (read from the mount table: a FUSE mount whose daemon died
 # cannot even be stat'ed, so `mountpoint` is no help there)
@@ -41,7 +53,7 @@ help:
 	printf '%s\n' 'targets:'
 	printf '  %-10s %s\n' \
 	    deps      "install the Debian packages (apt-get runs only when one is missing)" \
-	    venv      "create .venv and pip install -e '.[test]' (redone when pyproject.toml changes)" \
+	    venv      "create .venv, build the patched pyfuse3, pip install -e '.[test]'" \
 	    demo      "deps + venv, build demo/images, mount it on ./mnt, print what to try" \
 	    test      "deps + venv, ruff check, pytest -q (PYTEST_ARGS='...' adds pytest options)" \
 	    test-slow "the same with -m slow" \
@@ -78,7 +90,22 @@ $(VBIN)/python:
 
 # `| deps`: the packages must be there (pyfuse3 compiles against libfuse3-dev), but running
 # `deps` does not by itself make the install stale.
-$(VENV_STAMP): pyproject.toml | deps $(VBIN)/python
+$(PYFUSE3_STAMP): $(PYFUSE3_PATCH) | deps $(VBIN)/python
+	rm -rf $(PYFUSE3_BUILD)
+	mkdir -p $(PYFUSE3_BUILD)
+	export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+	$(VBIN)/python -m pip download --no-binary :all: --no-deps \
+	    -d $(PYFUSE3_BUILD) pyfuse3==$(PYFUSE3_VERSION)
+	tar --no-same-owner -xzf $(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION).tar.gz -C $(PYFUSE3_BUILD)
+	src=$(PYFUSE3_BUILD)/pyfuse3-$(PYFUSE3_VERSION)
+	patch -d "$$src" -p1 --forward --batch < $(PYFUSE3_PATCH)
+	# the shipped C was generated from the unpatched .pyx: make Cython regenerate it
+	rm -f "$$src/src/pyfuse3/__init__.c"
+	$(VBIN)/python -m pip install --no-deps --force-reinstall "$$src"
+	rm -rf $(PYFUSE3_BUILD)
+	touch $@
+
+$(VENV_STAMP): pyproject.toml $(PYFUSE3_STAMP) | deps $(VBIN)/python
 	PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 $(VBIN)/python -m pip install -e '.[test]'
 	touch $@
 

@@ -47,18 +47,54 @@ FORMATS: dict[str, tuple[str, str, bool]] = {
     "vhdx": ("vhdx", "subformat=dynamic", True),
     "vdi": ("vdi", "", True),
     "parallels": ("parallels", "", True),
+    # LUKS (aes-256-xts-plain64, sha256) inside qcow2, and QEMU's standalone luks format.
+    "qcow2-luks": ("qcow2", "cluster_size=65536,encrypt.format=luks,encrypt.iter-time=100", True),
+    "luks": ("luks", "iter-time=100", True),
     "cloop": ("cloop", "", False),
     "dmg": ("dmg", "", False),
 }
 COMPRESSED = {"qcow2-zlib", "cloop", "dmg"}
 # QEMU opens these read-only or not at all: the qsd blockdevs need read-only=on.
 READ_ONLY_DRIVERS = {"cloop", "dmg"}
+# Encrypted formats: one passphrase file (made in main) for qemu-img, qsd and imgfs.
+ENCRYPTED = {"qcow2-luks", "luks"}
+PASSPHRASE_FILE: Path | None = None
 READS = ["seqR-1M", "seqR-1M-d1", "randR-16k-d1"]
 WRITES = ["seqW-1M-d1", "randW-16k-d1"]
 
 
 def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+def secret_opts(name: str) -> list[str]:
+    """qemu-img's secret object and option for an encrypted format (empty otherwise)."""
+    if name not in ENCRYPTED:
+        return []
+    return ["--object", f"secret,id=s0,file={PASSPHRASE_FILE}"]
+
+
+def key_opt(name: str) -> str:
+    if name not in ENCRYPTED:
+        return ""
+    return ",key-secret=s0" if FORMATS[name][0] == "luks" else ",encrypt.key-secret=s0"
+
+
+def blockdev_key_opt(name: str) -> str:
+    """--blockdev (QAPI) wants the encryption format named too."""
+    if name in ENCRYPTED and FORMATS[name][0] == "qcow2":
+        return ",encrypt.format=luks" + key_opt(name)
+    return key_opt(name)
+
+
+def run_retrying(cmd: list[str]) -> None:
+    """qemu-img's LUKS creation fails now and then ("Unable to get accurate CPU usage")."""
+    for attempt in range(8):
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        if "accurate CPU usage" not in result.stderr or attempt == 7:
+            raise RuntimeError(f"{' '.join(cmd)}: {result.stderr}")
 
 
 def make_sources(work: Path, size: int) -> tuple[Path, Path]:
@@ -101,25 +137,30 @@ def make_image(
         # zlib chunks of 1 MiB (hdiutil's UDZO layout); QEMU 7.2 reads zlib dmg.
         run([sys.executable, str(HERE / "make_dmg.py"), str(src), str(full)])
     else:
-        cmd = ["qemu-img", "convert", "-f", "raw", "-O", fmt] + (["-o", opts] if opts else [])
+        opts += key_opt(name).replace(",", "", 1) if not opts else key_opt(name)
+        cmd = ["qemu-img", "convert", *secret_opts(name), "-f", "raw", "-O", fmt]
+        cmd += ["-o", opts] if opts else []
         if name in COMPRESSED:
             cmd.append("-c")
-        run(cmd + [str(src), str(full)])
+        run_retrying(cmd + [str(src), str(full)])
     empty = None
     if writable:
         empty = work / f"{name}-empty.{ext}"
-        run(
-            ["qemu-img", "create", "-f", fmt]
+        run_retrying(
+            ["qemu-img", "create", *secret_opts(name), "-f", fmt]
             + (["-o", opts] if opts else [])
             + [str(empty), str(size)]
         )
     return full, empty
 
 
-def describe_image(image: Path, fmt: str, size: int, want_full: bool) -> str:
+def describe_image(
+    image: Path, fmt: str, size: int, want_full: bool, name: str | None = None
+) -> str:
     """Check that IMAGE is what the target needs and say so: the format imgfs probes must be FMT
     (qsd gets driver=FMT), and [0, SIZE) must be all data (reads) or all unallocated (writes)."""
-    info = run([*IMGFS, "info", str(image)], env=IMGFS_ENV).stdout
+    key = ["--key", str(PASSPHRASE_FILE)] if name in ENCRYPTED else []
+    info = run([*IMGFS, "info", *key, str(image)], env=IMGFS_ENV).stdout
     probed = next(
         line.split(":", 1)[1].strip()
         for line in info.splitlines()
@@ -127,7 +168,14 @@ def describe_image(image: Path, fmt: str, size: int, want_full: bool) -> str:
     )
     if probed != fmt:
         raise RuntimeError(f"{image.name}: imgfs probes {probed!r}, expected {fmt!r}")
-    extents = json.loads(run(["qemu-img", "map", "-f", fmt, "--output=json", str(image)]).stdout)
+    if name in ENCRYPTED:
+        target = ["--image-opts", f"driver={fmt},file.filename={image}{key_opt(name)}"]
+    else:
+        target = ["-f", fmt, str(image)]
+    map_cmd = ["qemu-img", "map", *secret_opts(name or ""), "--output=json", *target]
+    extents = json.loads(run(map_cmd).stdout)
+    if fmt == "luks" and not want_full:
+        extents = []  # the payload of a LUKS volume is always "data"; a new one is unwritten
     data = sum(
         max(0, min(e["start"] + e["length"], size) - e["start"])
         for e in extents
@@ -157,7 +205,10 @@ def describe_image(image: Path, fmt: str, size: int, want_full: bool) -> str:
 
 
 class Peer:
-    def __init__(self, peer: str, image: Path, fmt: str, mdir: Path, writable: bool) -> None:
+    def __init__(
+        self, peer: str, image: Path, fmt: str, mdir: Path, writable: bool, name: str = ""
+    ) -> None:
+        self.name = name
         # "imgfs:OPTS" is imgfs mounted with -o OPTS (e.g. imgfs:read-ahead=0), for A/B runs.
         self.kind, _, self.opts = peer.partition(":")
         # --peers is comma-separated, so a peer's own mount options are joined with "+".
@@ -183,6 +234,7 @@ class Peer:
                 "--log",
                 str(self.mdir / "imgfs.log"),
                 *(["-o", self.opts] if self.opts else []),
+                *(["--key", f"{link.name}={PASSPHRASE_FILE}"] if name_encrypted(self) else []),
                 str(imgdir),
                 str(self.mnt),
             ]
@@ -193,10 +245,11 @@ class Peer:
             ro = ",read-only=on" if self.fmt in READ_ONLY_DRIVERS else ""
             cmd = [
                 "qemu-storage-daemon",
+                *secret_opts(self.name),
                 "--blockdev",
                 f"driver=file,node-name=f,filename={link}{ro}",
                 "--blockdev",
-                f"driver={self.fmt},node-name=q,file=f{ro}",
+                f"driver={self.fmt},node-name=q,file=f{ro}{blockdev_key_opt(self.name)}",
                 "--export",
                 f"type=fuse,id=e,node-name=q,mountpoint={self.mnt},"
                 f"writable={'on' if self.writable else 'off'}",
@@ -237,6 +290,10 @@ class Peer:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             subprocess.run(["fusermount3", "-uz", str(self.mnt)], capture_output=True)
+
+
+def name_encrypted(peer: Peer) -> bool:
+    return peer.name in ENCRYPTED
 
 
 def fio(path: Path, workload: str, runtime: int, size: int) -> tuple[float, float]:
@@ -333,6 +390,7 @@ def main() -> int:
     )
     formats = args.formats.split(",")
     peers = args.peers.split(",")
+    global PASSPHRASE_FILE
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -345,6 +403,8 @@ def main() -> int:
     # so their ratios stay comparable).
     load_before = os.getloadavg()
     notes: list[str] = []
+    PASSPHRASE_FILE = work / "passphrase"
+    PASSPHRASE_FILE.write_bytes(b"imgfs bench passphrase")
     try:
         print(f"making sources ({args.size}) in {work}", file=sys.stderr)
         sources = make_sources(work, size)
@@ -353,15 +413,17 @@ def main() -> int:
             full, empty = make_image(name, work, sources, size)
             load = os.getloadavg()
             notes.append(
-                f"{name} (load {load[0]:.1f} at start): " + describe_image(full, fmt, size, True)
+                f"{name} (load {load[0]:.1f} at start): "
+                + describe_image(full, fmt, size, True, name)
             )
             if empty is not None:
-                notes.append(f"{name}: " + describe_image(empty, fmt, size, False))
+                notes.append(f"{name}: " + describe_image(empty, fmt, size, False, name))
             print(notes[-1], file=sys.stderr)
             for rep in range(args.reps):
                 order = peers if rep % 2 == 0 else peers[::-1]
                 for peer in order:
-                    p = Peer(peer, full, fmt, work / f"m{rep}-{len(rows)}-{name}-r", writable=False)
+                    mdir = work / f"m{rep}-{len(rows)}-{name}-r"
+                    p = Peer(peer, full, fmt, mdir, writable=False, name=name)
                     with p as f:
                         for w in READS:
                             cpu0 = cpu_seconds(p.proc.pid)  # type: ignore[union-attr]
@@ -379,7 +441,7 @@ def main() -> int:
                         copy = work / f"w{rep}-{peer}-{empty.name}"
                         shutil.copyfile(empty, copy)
                         mdir = work / f"m{rep}-{len(rows)}-{name}-w"
-                        p = Peer(peer, copy, fmt, mdir, writable=True)
+                        p = Peer(peer, copy, fmt, mdir, writable=True, name=name)
                         with p as f:
                             cpu0 = cpu_seconds(p.proc.pid)  # type: ignore[union-attr]
                             v, units = fio(f, w, args.runtime, size)

@@ -13,12 +13,24 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from imgfs import __version__
+from imgfs import __version__, cmd_map
+from imgfs.block import chain, holes
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import CheckResult, ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
+from imgfs.cmd_keys import (
+    add_create_key_option,
+    add_image_key_option,
+    add_key_options,
+    image_keys,
+    print_locked_info,
+)
+from imgfs.cmd_serve import add_parser as add_serve_subcommand
+from imgfs.cmd_snapshot import add_parser as add_snapshot_parser
+from imgfs.dedup import command as cmd_dedup
 from imgfs.emulation.cli import add_subcommands as add_emulation_subcommands
-from imgfs.errors import ImgfsError, Unsupported, UsageError
+from imgfs.errors import ImgfsError, NeedsKey, Unsupported, UsageError
+from imgfs.keys import KeyRing
 
 if TYPE_CHECKING:
     from imgfs.fuse.ops import MountOptions
@@ -60,6 +72,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from imgfs.fuse.ops import MountOptions
 
     fuse_opts, driver_opts = split_mount_options(args.o or [])
+    detect_zeroes, discard, seek_holes = holes.mount_policy(
+        args.detect_zeroes, args.discard, False if args.no_seek_holes else None, driver_opts
+    )
     options = MountOptions(
         cache=CacheMode(args.cache),
         read_only=args.read_only,
@@ -68,6 +83,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         allow_external_files=args.allow_external_files,
         writable_backing=args.writable_backing,
         driver_options=driver_opts,
+        detect_zeroes=detect_zeroes,
+        discard=discard,
+        seek_holes=seek_holes,
+        keys=KeyRing.from_args(args.key or [], args.key_dir),
         extra_images=extra_images(args),
     )
     log_file = args.log or default_log_path(args.mountpoint)
@@ -111,6 +130,7 @@ def split_mount_options(items: list[str]) -> tuple[list[str], dict[str, str]]:
     from imgfs.block import registry
 
     driver_keys = {key for d in registry.all_drivers() for key in d.runtime_options}
+    driver_keys.update(holes.MOUNT_OPTION_KEYS)  # taken out again by holes.mount_policy
     driver_keys.update(remote.runtime_options())  # ca-file, http-timeout, ...
     fuse: list[str] = []
     driver: dict[str, str] = {}
@@ -223,27 +243,49 @@ def _print_info(info: ImageInfo) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    disk = open_disk(args.image, args.format, read_only=True)
+    from imgfs import info_alloc
+
+    try:
+        disk = open_disk(args.image, args.format, read_only=True, keys=image_keys(args))
+    except NeedsKey as e:
+        return print_locked_info(args, e)
     try:
         infos = disk.info()
+        layers = list(chain.layers(disk.top))[: len(infos) if args.backing_chain else 1]
+        allocation = [info_alloc.summarize_or_none(layer) for layer in layers]
     finally:
         disk.close()
     if not args.backing_chain:
         infos = infos[:1]
     if args.output == "json":
-        data = [i.to_qemu_json() for i in infos]
+        data = [i.to_qemu_json() | ({"imgfs-allocation": a.to_json()} if a else {})
+                for i, a in zip(infos, allocation, strict=True)]  # fmt: skip
         print(json.dumps(data if args.backing_chain else data[0], indent=4))
     else:
         for n, info in enumerate(infos):
             if n:
                 print()
             _print_info(info)
+            _print_allocation(allocation[n])
     return 0
+
+
+def _print_allocation(a: Any) -> None:
+    """imgfs's allocation lines (after qemu-img's fields)."""
+    if a is None:
+        return
+    print(f"data in this image: {_human_size(a.data)}; zeros: {_human_size(a.zero)}; "
+          f"from the backing chain: {_human_size(a.backing)}; "
+          f"unallocated: {_human_size(a.unallocated)}")  # fmt: skip
+    if a.host_shared:
+        print(f"host bytes shared with other files (reflink): {_human_size(a.host_shared)}")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     repair = RepairMode(args.repair) if args.repair else RepairMode.NONE
-    disk = open_disk(args.image, args.format, read_only=repair is RepairMode.NONE)
+    disk = open_disk(
+        args.image, args.format, read_only=repair is RepairMode.NONE, keys=image_keys(args)
+    )
     try:
         try:
             result = disk.check(repair)
@@ -314,6 +356,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         options["backing_file"] = args.backing_file
     if args.backing_format:
         options["backing_fmt"] = args.backing_format
+    if args.key:
+        options["key-file"] = args.key  # the file's name; the passphrase stays in the file
     if args.filename is None:
         raise UsageError("FILE is needed")
     size = parse_size(args.size) if args.size is not None else None
@@ -329,15 +373,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from imgfs.create import parse_options
 
     bar = _ProgressBar() if args.progress else None
+    options = parse_options(args.o)
+    if args.target_key:
+        options["key-file"] = args.target_key  # the file's name, not the passphrase
     try:
         convert(
             args.source,
             args.destination,
             src_fmt=args.source_format,
             dst_fmt=args.output_format,
-            options=parse_options(args.o),
+            options=options,
             compress=args.compress,
             progress=bar,
+            keys=KeyRing.from_args(args.key or [], args.key_dir),
         )
     finally:
         if bar is not None:
@@ -422,6 +470,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="let disks that other disks use as backing images be written (corrupts overlays)",
     )
     p.add_argument(
+        "--detect-zeroes",
+        choices=[m.value for m in holes.DetectZeroes],
+        help="all-zero writes become write-zeroes (on) or may deallocate (unmap, needs "
+        "--discard unmap), as QEMU's detect-zeroes (default: off; also -o detect-zeroes=)",
+    )
+    p.add_argument(
+        "--discard",
+        choices=[m.value for m in holes.DiscardMode],
+        help="whether discards and punched holes free space in the image (default: unmap; "
+        "ignore still zeroes the range; also -o discard=)",
+    )
+    p.add_argument(
+        "--no-seek-holes",
+        action="store_true",
+        help="do not report holes to lseek(SEEK_DATA/SEEK_HOLE): every byte is data "
+        "(also -o seek-holes=off)",
+    )
+    p.add_argument(
         "-o",
         action="append",
         metavar="OPT[,OPT...]",
@@ -441,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log", metavar="FILE", help="log file (default: under $XDG_STATE_HOME)")
     p.add_argument("--debug", action="store_true", help="log every request")
+    add_key_options(p)
     p.set_defaults(func=cmd_mount)
 
     p = sub.add_parser("umount", help="flush every image, unmount and wait for the daemon")
@@ -452,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--format", help="image format (default: probe)")
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.add_argument("--backing-chain", action="store_true", help="describe every layer")
+    add_image_key_option(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("check", help="check an image's metadata (like qemu-img check)")
@@ -459,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--format", help="image format (default: probe)")
     p.add_argument("-r", "--repair", choices=["leaks", "all"])
     p.add_argument("--output", choices=["human", "json"], default="human")
+    add_image_key_option(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("create", help="create a new image (like qemu-img create)")
@@ -470,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.add_argument("filename", metavar="FILE", nargs="?")
     p.add_argument("size", metavar="SIZE", nargs="?", help="bytes, or with a k/M/G/T suffix")
+    add_create_key_option(p)
     p.set_defaults(func=cmd_create)
 
     p = sub.add_parser("convert", help="copy an image into a new one (like qemu-img convert)")
@@ -481,9 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("source", metavar="SRC")
     p.add_argument("destination", metavar="DST")
+    add_key_options(p, target=True)
     p.set_defaults(func=cmd_convert)
 
+    add_snapshot_parser(sub)
     add_emulation_subcommands(sub)  # replay, trace import
+    add_serve_subcommand(sub)  # serve (NBD)
+    cmd_map.add_parser(sub)
+    cmd_dedup.add_parser(sub)
     return parser
 
 

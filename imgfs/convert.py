@@ -16,6 +16,7 @@ from imgfs.block.disk import Disk, open_disk
 from imgfs.block.extent import Allocation
 from imgfs.create import create_image
 from imgfs.errors import InvalidRequest
+from imgfs.keys import KeyRing
 
 # Big enough that per-request overhead vanishes, small enough to stay cache-friendly.
 COPY_CHUNK = 2 * 1024 * 1024
@@ -32,18 +33,23 @@ def convert(
     options: dict[str, str],
     compress: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    keys: KeyRing | None = None,
 ) -> None:
     """Convert ``src`` into a new image ``dst``. ``progress(n, total)`` is told of every ``n``
     bytes of the ``total``-byte disk done (copied or skipped)."""
     if "backing_file" in options:
         raise InvalidRequest("convert does not take -o backing_file (the copy is complete)")
-    if os.path.exists(dst) and os.path.samefile(src, dst):
+    # src may be a URL (no local file to compare)
+    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
         raise InvalidRequest(f"{dst} is the source image itself")
-    source = open_disk(src, src_fmt, read_only=True)
+    source = open_disk(src, src_fmt, read_only=True, keys=keys)
     try:
         create_image(dst, dst_fmt, source.size, options)
         try:
-            target = open_disk(dst, dst_fmt, read_only=False)
+            target_keys = (
+                KeyRing.single(dst, options["key-file"]) if "key-file" in options else None
+            )
+            target = open_disk(dst, dst_fmt, read_only=False, keys=target_keys)
             try:
                 size = source.size
                 _copy(source, target, compress, lambda n: progress(n, size) if progress else None)
@@ -63,10 +69,12 @@ def _copy(source: Disk, target: Disk, compress: bool, progress: Callable[[int], 
     chunk = max(unit, COPY_CHUNK - COPY_CHUNK % unit)
     size = source.size
     offset = 0
+    # A target whose fresh image does not read as zeros (LUKS) is written everywhere.
+    dense = not target.top.zero_init
     while offset < size:
         extent = source.block_status(offset, min(size - offset, 1 << 30))
         end = offset + extent.length
-        if extent.allocation is not Allocation.DATA:
+        if extent.allocation is not Allocation.DATA and not dense:
             progress(end - offset)
             offset = end
             continue
@@ -80,6 +88,8 @@ def _copy(source: Disk, target: Disk, compress: bool, progress: Callable[[int], 
             data = source.read(pos, n)
             if compress:
                 _write_compressed(target, pos, data, unit)
+            elif dense:
+                target.write(pos, data)
             else:
                 _write_nonzero(target, pos, data)
             pos += n

@@ -71,3 +71,11 @@ class UsageError(ImgfsError):
     """Bad command-line input (a missing directory, a busy mountpoint, ...)."""
 
     errno = errno.EINVAL
+
+
+class KeyRequired(NeedsKey):
+    """The image is encrypted and no key was given for it."""
+
+
+class WrongKey(NeedsKey):
+    """The key given for an encrypted image does not open it."""

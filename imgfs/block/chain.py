@@ -27,7 +27,8 @@ from imgfs.block.driver import (
 )
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import CacheMode, HostFile
-from imgfs.errors import CorruptImage, HostIOError, ImgfsError, NotPermitted
+from imgfs.errors import CorruptImage, HostIOError, ImgfsError, InvalidRequest, NotPermitted
+from imgfs.keys import KeyRing
 
 # Deep enough for any real chain; it bounds open files and recursion for hostile ones.
 MAX_CHAIN_DEPTH = 64
@@ -110,11 +111,17 @@ def open_chain(
     cache: CacheMode = CacheMode.WRITEBACK,
     containment: Containment | None = None,
     driver_options: Mapping[str, str] | None = None,
+    snapshot: str | None = None,
+    keys: KeyRing | None = None,
 ) -> BlockDriver:
-    """Open ``path`` (format ``fmt``, or probed) and its whole backing chain.
+    """Open ``path`` (format ``fmt``, or probed) and its whole backing chain; ``snapshot``
+    (an id or name) opens that internal snapshot of the top image instead, read-only.
 
-    Returns the top driver; its ``backing`` attribute links down the chain.
+    Returns the top driver; its ``backing`` attribute links down the chain. ``keys`` gives each
+    layer the passphrase of its own file (a backing image may have its own key).
     """
+    if snapshot is not None:
+        read_only = True
     containment = containment or Containment()
     seen: set[str] = set()
     top: BlockDriver | None = None
@@ -127,10 +134,14 @@ def open_chain(
                 raise CorruptImage(f"{path}: backing chain loops back to {current_path}")
             seen.add(real)
             driver = _open_one(
-                current_path, current_fmt, writable, cache, containment, driver_options or {}
-            )
+                current_path, current_fmt, writable, cache, containment, driver_options or {},
+                snapshot if parent is None else None,
+                keys,
+            )  # fmt: skip
             if parent is None:
                 top = driver
+                if snapshot is not None and not driver.snapshots():
+                    raise InvalidRequest(f"{path}: the image has no snapshot {snapshot!r}")
             else:
                 _attach(parent, driver)
             parent = driver
@@ -176,6 +187,8 @@ def _open_one(
     cache: CacheMode,
     containment: Containment,
     driver_options: Mapping[str, str],
+    snapshot: str | None = None,
+    keys: KeyRing | None = None,
 ) -> BlockDriver:
     probed = fmt is None
     probe_is_raw = None
@@ -238,8 +251,10 @@ def _open_one(
         probe_is_raw=probe_is_raw,
         open_file=open_companion,
         driver_options=driver_options,
+        snapshot=snapshot,
     )
     try:
+        options.key = keys.lookup(path) if keys is not None else None
         return driver_cls.open(file, options)
     except ImgfsError:
         file.close()

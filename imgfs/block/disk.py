@@ -7,7 +7,9 @@ It owns the driver chain and applies what is the same for every format:
 * the cache mode's writethrough part: with writethrough/directsync every write is flushed
   before it completes;
 * flushes are serialised and deduplicated by write generation: a flush that finds no write
-  completed since the last successful flush returns at once.
+  completed since the last successful flush returns at once;
+* zero detection (``detect_zeroes``) and the discard mode (``discard_mode``), see
+  :mod:`imgfs.block.holes`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from collections.abc import Mapping
 from imgfs.block import chain
 from imgfs.block.driver import BlockDriver, CheckResult, ImageInfo, RepairMode
 from imgfs.block.extent import Extent
+from imgfs.block.holes import AllocationCache, DetectZeroes, DiscardMode, is_zero
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import InvalidRequest, NoSpace, ReadOnly
+from imgfs.keys import KeyRing
 
 
 class Disk:
@@ -39,6 +43,11 @@ class Disk:
         self.reads_may_block = cache.direct or not all(n.cheap_reads for n in chain.layers(top))
         # Writes go to a worker thread with O_DIRECT, or with writethrough (each write syncs).
         self.writes_may_block = cache.direct or cache.writethrough
+        # QEMU's detect-zeroes and discard options (imgfs.block.holes); set by the opener.
+        self.detect_zeroes = DetectZeroes.OFF
+        self.discard_mode = DiscardMode.UNMAP
+        # SEEK_DATA/SEEK_HOLE runs, valid for one write generation.
+        self.allocation_cache = AllocationCache()
 
     # -- properties the FUSE layer uses to route requests ----------------------------------------
 
@@ -74,7 +83,11 @@ class Disk:
         n = min(len(data), size - offset)
         if n == 0:
             return 0
-        self.top.write(offset, data if n == len(data) else memoryview(data)[:n])
+        data = data if n == len(data) else memoryview(data)[:n]
+        if self.detect_zeroes is not DetectZeroes.OFF and is_zero(data):
+            self.top.write_zeroes(offset, n, self.detect_zeroes is DetectZeroes.UNMAP)
+        else:
+            self.top.write(offset, data)
         self._written()
         if self.cache.writethrough:
             self.flush()
@@ -94,13 +107,14 @@ class Disk:
 
     def discard(self, offset: int, length: int) -> None:
         offset, length = self._clamp_for_update(offset, length)
-        if length:
+        if length and self.discard_mode is DiscardMode.UNMAP:
             self.top.discard(offset, length)
             self._written()
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         offset, length = self._clamp_for_update(offset, length)
         if length:
+            may_unmap = may_unmap and self.discard_mode is DiscardMode.UNMAP
             self.top.write_zeroes(offset, length, may_unmap)
             self._written()
             if self.cache.writethrough:
@@ -116,6 +130,11 @@ class Disk:
     def _written(self) -> None:
         with self._gen_lock:
             self._write_gen += 1
+
+    @property
+    def write_generation(self) -> int:
+        """Bumped by every write, discard, write-zeroes and resize."""
+        return self._write_gen
 
     @property
     def flush_pending(self) -> bool:
@@ -171,8 +190,11 @@ def open_disk(
     cache: CacheMode = CacheMode.WRITEBACK,
     containment: chain.Containment | None = None,
     driver_options: Mapping[str, str] | None = None,
+    snapshot: str | None = None,
+    keys: KeyRing | None = None,
 ) -> Disk:
-    """Open an image and its backing chain as a Disk."""
+    """Open an image and its backing chain as a Disk (``snapshot``: an internal snapshot of
+    it, by id or name, read-only)."""
     top = chain.open_chain(
         path,
         fmt,
@@ -180,5 +202,7 @@ def open_disk(
         cache=cache,
         containment=containment,
         driver_options=driver_options,
+        snapshot=snapshot,
+        keys=keys,
     )
     return Disk(top, cache, os.path.basename(path))

@@ -29,12 +29,15 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import CacheMode, HostFile
 from imgfs.errors import CorruptImage, ReadOnly, Unsupported
 from imgfs.units import size_option
+
+if TYPE_CHECKING:
+    from imgfs.crypto.secret import Secret
 
 # How much of a file the registry hands to each probe.
 PROBE_HEAD_SIZE = 64 * 1024
@@ -75,10 +78,31 @@ class OpenOptions:
     #: Format-specific run-time options (``-o key=value`` of ``imgfs mount``/``info``), such as
     #: qcow2's ``l2-cache-size``. A driver ignores keys it does not know.
     driver_options: Mapping[str, str] = field(default_factory=dict)
+    #: Open this internal snapshot (by id, or else by name) instead of the active layer,
+    #: read-only. A driver without snapshots leaves ``snapshots()`` empty and the chain layer
+    #: refuses the open.
+    snapshot: str | None = None
+    #: The passphrase of this image file, if the user gave one (``--key``); an encrypted image
+    #: opened without it raises KeyRequired, with a wrong one WrongKey.
+    key: Secret | None = None
 
     def size_option(self, key: str, default: int) -> int:
         """A byte-count run-time option (``8M``, ``65536``), or ``default`` when not given."""
         return size_option(self.driver_options, key, default)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """One internal snapshot of an image (the fields ``qemu-img snapshot -l`` shows)."""
+
+    id: str
+    name: str
+    virtual_size: int
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size: int = 0
+    icount: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +221,9 @@ class BlockDriver(ABC):
     #: ``hostfile.in_nowait_mode()`` and a read would decompress much (cloop does this). A
     #: driver may set it per instance.
     cheap_reads: ClassVar[bool] = True
+    #: A new image from :meth:`create` reads as zeros (False for LUKS, whose unwritten payload
+    #: decrypts to noise): ``convert`` may then leave zero ranges unwritten.
+    zero_init: ClassVar[bool] = True
 
     #: The backing image, opened read-only; set by :meth:`attach_backing`.
     backing: BlockDriver | None = None
@@ -270,6 +297,11 @@ class BlockDriver(ABC):
         whether or not the backing image was linked.
         """
         self.backing = backing
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """The image's internal snapshots (each can be opened read-only with
+        ``OpenOptions.snapshot``). Formats without them return []."""
+        return []
 
     # -- data -----------------------------------------------------------------------------------
 

@@ -252,8 +252,8 @@ class BlockTableDriver(BlockDriver):
             # A block whose host range is a hole (discarded, or never written since its sparse
             # allocation) reads as zeros: say so, as qemu's file layer does.
             is_data, run = self.file.data_extents(host + within, n)
-            if not is_data:
-                return Extent(offset, run, Allocation.ZERO)
+            if not is_data:  # (the host offset still says where the block is: qemu-img map)
+                return Extent(offset, run, Allocation.ZERO, host_offset=host + within)
             return Extent(offset, run, state, host_offset=host + within)
         return Extent(offset, n, state)
 

@@ -36,7 +36,8 @@ from imgfs.block.driver import (
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, InvalidRequest, Unsupported
+from imgfs.crypto import Secret, SectorCipher, qcow_aes
+from imgfs.errors import CorruptImage, InvalidRequest, KeyRequired, Unsupported
 from imgfs.formats.qed import PageCache
 
 MAGIC = b"QFI\xfb"
@@ -59,6 +60,7 @@ MAP_RUN_STEPS = 65536
 # The L1 table is loaded whole: 128 MiB covers 32 TiB at qemu's default geometry.
 MAX_L1_BYTES = 128 * 1024 * 1024
 COMPRESSED = 1 << 63
+CRYPT_AES = 1
 L2_CACHE_TABLES = 128  # at most 8 MiB with 64 KiB tables
 # Raw deflate with a 4 KiB window, which is what qemu's qcow inflates.
 DEFLATE_WBITS = -12
@@ -115,6 +117,10 @@ class QcowDriver(BlockDriver):
     create_options = {
         "backing_file": "name of the backing image (relative to the new image)",
         "backing_fmt": "format of the backing image (qcow cannot record it; it is probed)",
+        "encrypt.format": "aes: encrypt with AES-128-CBC keyed by the passphrase (legacy)",
+        "encryption": "on/off: the same as encrypt.format=aes",
+        "encrypt.key-secret": "accepted for qemu-img compatibility; the key comes from --key",
+        "key-file": "file holding the passphrase (its exact bytes); set by imgfs create --key",
     }
 
     def __init__(
@@ -137,6 +143,11 @@ class QcowDriver(BlockDriver):
         # The last cluster inflated, keyed by its L2 entry (replaced whole, so thread-safe):
         # small sequential reads of a compressed image hit it.
         self._inflated: tuple[int, bytes] | None = None
+        # Legacy AES: data clusters (not compressed ones) encrypted, IVs from guest sectors.
+        self._crypto: SectorCipher | None = None
+        if header.crypt_method == CRYPT_AES:
+            assert options.key is not None
+            self._crypto = qcow_aes(options.key)
 
     @classmethod
     def probe(cls, probe: ProbeInput) -> int:
@@ -157,11 +168,10 @@ class QcowDriver(BlockDriver):
             raise CorruptImage(f"{path}: bad qcow cluster_bits {h.cluster_bits}")
         if not L2_BITS_MIN <= h.l2_bits <= L2_BITS_MAX:
             raise CorruptImage(f"{path}: bad qcow l2_bits {h.l2_bits}")
-        if h.crypt_method != 0:
-            raise Unsupported(
-                f"{path}: encrypted qcow images are not supported yet "
-                f"(crypt_method {h.crypt_method})"
-            )
+        if h.crypt_method not in (0, CRYPT_AES):
+            raise Unsupported(f"{path}: qcow crypt_method {h.crypt_method} is unknown")
+        if h.crypt_method == CRYPT_AES and options.key is None:
+            raise KeyRequired(f"{path}: encrypted (aes); no key given (--key)")
         if h.size > SIZE_MAX:
             raise CorruptImage(f"{path}: bad qcow size {h.size}")
         file_size = file.size()
@@ -327,6 +337,16 @@ class QcowDriver(BlockDriver):
     # -- data ----------------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        if self._crypto is None:
+            return self._read(offset, length)
+        # Whole sectors are decrypted (clusters are whole on the host past an odd end).
+        start, end = offset & ~511, (offset + length + 511) & ~511
+        out = self._read(start, end - start)
+        if start == offset and end == offset + length:
+            return out
+        return memoryview(out)[offset - start : offset - start + length]
+
+    def _read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         out: bytearray | None = None
         pos, end = offset, offset + length
         cs = self.cluster_size
@@ -341,6 +361,8 @@ class QcowDriver(BlockDriver):
                 piece = self._inflate(entry)[inner : inner + run]
             elif entry:
                 piece = self.file.pread(entry + pos % cs, run)
+                if self._crypto is not None:
+                    piece = self._crypto.decrypt(piece, pos >> 9)
             else:
                 piece = self.read_backing(pos, run)
             if run == length:
@@ -393,12 +415,21 @@ class QcowDriver(BlockDriver):
         self.check_writable()
         view = memoryview(data).cast("B")
         cs = self.cluster_size
-        pos, end = offset, offset + len(view)
         with self._lock:
+            if self._crypto is not None and (offset | len(view)) & 511:
+                # Whole sectors: complete the edges from their current content.
+                start, stop = offset & ~511, (offset + len(view) + 511) & ~511
+                buf = bytearray(self.read(start, stop - start))
+                buf[offset - start : offset - start + len(view)] = view
+                view, offset = memoryview(buf), start
+            pos, end = offset, offset + len(view)
             while pos < end:
                 entry, run = self._map(pos, end - pos)
                 if entry and not entry & COMPRESSED:
-                    self.file.pwrite(entry + pos % cs, view[pos - offset : pos - offset + run])
+                    piece = view[pos - offset : pos - offset + run]
+                    if self._crypto is not None:
+                        piece = memoryview(self._crypto.encrypt(piece, pos >> 9))
+                    self.file.pwrite(entry + pos % cs, piece)
                     pos += run
                     continue
                 first = pos // cs
@@ -414,6 +445,8 @@ class QcowDriver(BlockDriver):
                     buf = self._old_contents(entry, start, stop, (pos, pos + run))
                     buf[head : head + run] = view[pos - offset : pos - offset + run]
                 host = self._allocate(len(buf))
+                if self._crypto is not None:
+                    buf = bytearray(self._crypto.encrypt(buf, start >> 9))
                 self.file.pwrite(host, buf)
                 self._set_entries(first, [host + i * cs for i in range(last - first + 1)])
                 pos += run
@@ -423,6 +456,8 @@ class QcowDriver(BlockDriver):
 
     def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.check_writable()
+        if self._crypto is not None:
+            raise Unsupported(f"{self.file.path}: encrypted qcow images take no compressed writes")
         cs = self.cluster_size
         if offset % cs:
             raise InvalidRequest(f"{self.file.path}: compressed write at {offset} not aligned")
@@ -452,10 +487,15 @@ class QcowDriver(BlockDriver):
 
     def discard(self, offset: int, length: int) -> None:
         self.check_writable()
+        if self._crypto is not None:
+            return  # a punched cluster would decrypt to noise; keeping the data is allowed
         self._zero_whole_clusters(offset, length, discard=True)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
         self.check_writable()
+        if self._crypto is not None:
+            super().write_zeroes(offset, length, may_unmap)  # encrypted zeros, not holes
+            return
         cs = self.cluster_size
         end = offset + length
         first = -(-offset // cs) * cs
@@ -505,6 +545,9 @@ class QcowDriver(BlockDriver):
     def info(self) -> ImageInfo:
         info = super().info()
         info.cluster_size = self.cluster_size
+        info.encrypted = self.header.crypt_method != 0
+        if info.encrypted:
+            info.format_specific = {"encrypt": {"format": "aes"}}
         return info
 
     # -- create --------------------------------------------------------------------------------
@@ -521,6 +564,15 @@ class QcowDriver(BlockDriver):
         if options.get("backing_fmt") and not backing:
             raise InvalidRequest("qcow: backing_fmt given without backing_file")
         name = backing.encode("utf-8", "surrogateescape") if backing else b""
+        encrypt = options.get("encrypt.format") or None
+        if (options.get("encryption") or "off").lower() in ("on", "yes", "true", "1"):
+            encrypt = encrypt or "aes"
+        if encrypt not in (None, "aes"):
+            raise InvalidRequest(f"qcow: encrypt.format={encrypt!r}: only aes")
+        if encrypt and not options.get("key-file"):
+            raise InvalidRequest("an encrypted qcow image needs a passphrase: imgfs create --key")
+        if encrypt:
+            Secret.from_file(options["key-file"])  # readable (the key itself is not stored)
         if len(name) > BACKING_NAME_MAX:
             raise InvalidRequest(f"qcow: backing file name too long ({len(name)} bytes)")
         # As qemu: 512-byte clusters over a backing file (a sector write never copies), 4 KiB
@@ -537,7 +589,7 @@ class QcowDriver(BlockDriver):
             cluster_bits=cluster_bits,
             l2_bits=l2_bits,
             padding=0,
-            crypt_method=0,
+            crypt_method=CRYPT_AES if encrypt else 0,
             l1_table_offset=l1_offset,
         )
         with open(path, "wb") as f:

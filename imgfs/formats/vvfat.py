@@ -614,7 +614,25 @@ class VvfatDriver(BlockDriver):
         return data + bytes(n - data_n)
 
     def block_status(self, offset: int, length: int) -> Extent:
-        return Extent(offset, length, Allocation.DATA)
+        """Free clusters read as zeros (so ``convert`` and SEEK_HOLE skip them); the rest is
+        data, up to the end of the file or directory at ``offset``."""
+        if offset < self._data_start:
+            return Extent(offset, min(length, self._data_start - offset), Allocation.DATA)
+        cs = self.layout.geometry.cluster_size
+        rel = offset - self._data_start
+        cluster = ROOT_CLUSTER + rel // cs
+        found = self.layout.owner(cluster)
+        if found is not None:
+            first, node = found
+            end = (first - ROOT_CLUSTER + node.clusters) * cs
+            return Extent(offset, min(length, end - rel), Allocation.DATA)
+        i = bisect.bisect_right(self.layout.run_starts, cluster)
+        stop = (
+            self.layout.run_starts[i]
+            if i < len(self.layout.run_starts)
+            else ROOT_CLUSTER + self.layout.geometry.clusters
+        )
+        return Extent(offset, min(length, (stop - ROOT_CLUSTER) * cs - rel), Allocation.ZERO)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         raise ReadOnly(f"{self.file.path}: vvfat disks are read-only")

@@ -19,7 +19,7 @@ import pyfuse3
 import trio
 
 from imgfs.errors import UsageError
-from imgfs.fuse.ops import PID_XATTR, ImageFS, MountOptions
+from imgfs.fuse.ops import PID_XATTR, PYFUSE3_HAS_HOLES, ImageFS, MountOptions
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,11 @@ def serve(
         ", read-only" if options.read_only else "",
         len(fs.nodes),
     )
+    if not PYFUSE3_HAS_HOLES:
+        log.info(
+            "this pyfuse3 has no fallocate/lseek handlers: hole punching and SEEK_DATA/SEEK_HOLE "
+            "are unsupported on the exported files (see third_party/pyfuse3)"
+        )
     if on_ready is not None:
         on_ready()
     failed = 0

@@ -28,11 +28,12 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from imgfs.block import chain
+from imgfs.block import chain, holes
 from imgfs.block.disk import Disk, open_disk
 from imgfs.block.hostfile import CacheMode, WouldBlock, call_nowait
 from imgfs.errors import ImgfsError
 from imgfs.fuse.scan import DirectoryScanner, ImageEntry
+from imgfs.keys import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ ENTRY_TIMEOUT = 1.0
 # A readdir or lookup rescans the directory at most this often.
 RESCAN_INTERVAL = 0.5
 PID_XATTR = b"user.imgfs.pid"
+# pyfuse3 calls fallocate/lseek handlers only with third_party/pyfuse3's patch (or a release
+# that has them); on another pyfuse3 the kernel gets ENOSYS and falls back (see mount.py).
+PYFUSE3_HAS_HOLES = hasattr(pyfuse3.Operations, "fallocate") and hasattr(
+    pyfuse3.Operations, "lseek"
+)
 
 
 @dataclass
@@ -59,6 +65,12 @@ class MountOptions:
     writable_backing: bool = False
     # Format run-time options (-o KEY=VALUE that a driver names, e.g. l2-cache-size).
     driver_options: dict[str, str] = field(default_factory=dict)
+    # QEMU's detect-zeroes and discard (imgfs.block.holes); SEEK_DATA/SEEK_HOLE answers.
+    detect_zeroes: holes.DetectZeroes = holes.DetectZeroes.OFF
+    discard: holes.DiscardMode = holes.DiscardMode.UNMAP
+    seek_holes: bool = True
+    # Passphrases of encrypted images (--key NAME=FILE, --key-dir DIR).
+    keys: KeyRing | None = None
     # Disks named on the command line: NAME -> URL (--url) or directory (--vvfat).
     extra_images: dict[str, str] = field(default_factory=dict)
 
@@ -123,6 +135,7 @@ class ImageFS(pyfuse3.Operations):
             self.images_dir,
             self.containment,
             protect_backing=not options.writable_backing,
+            keys=options.keys,
             driver_options=options.driver_options,
             extra_images=options.extra_images,
         )
@@ -155,6 +168,8 @@ class ImageFS(pyfuse3.Operations):
     async def _refresh(self, node: Node) -> None:
         """Re-read one closed image's size, times and mode after imgfs changed it (a full rescan
         per close would cost a directory scan on every last release)."""
+        if node.entry.snapshot is not None:
+            return  # a read-only snapshot export: nothing changed
         async with self._scan_lock:
             entry = await self.in_thread(self.scanner.refresh, node.entry.source_name)
         if entry is not None and node.open_image is None:
@@ -362,7 +377,7 @@ class ImageFS(pyfuse3.Operations):
     # -- files ----------------------------------------------------------------------------------
 
     async def _open_disk(self, entry: ImageEntry, writable: bool) -> Disk:
-        return await self.in_thread(
+        disk = await self.in_thread(
             functools.partial(
                 open_disk,
                 entry.path,
@@ -371,8 +386,13 @@ class ImageFS(pyfuse3.Operations):
                 cache=self.options.cache,
                 containment=self.containment,
                 driver_options=self.options.driver_options,
+                snapshot=entry.snapshot,
+                keys=self.options.keys,
             )
         )
+        disk.detect_zeroes = self.options.detect_zeroes
+        disk.discard_mode = self.options.discard
+        return disk
 
     @fuse_errors(lambda self, inode, *a, **k: self._inode_name(inode))
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -437,6 +457,40 @@ class ImageFS(pyfuse3.Operations):
             log.debug("%s: fsync", disk.name)
         if disk.flush_pending:  # otherwise nothing to sync: spare the thread hop
             await self.in_thread(disk.flush)
+
+    @fuse_errors(lambda self, fh, *a, **k: self._fh_name(fh))
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """Punch holes and zero ranges (imgfs.block.holes.fallocate). Needs a pyfuse3 with
+        fallocate support; otherwise the kernel answers EOPNOTSUPP itself."""
+        disk = self.image(fh).disk
+        if self.debug:
+            log.debug("%s: fallocate mode %#x %d+%d", disk.name, mode, offset, length)
+        await self.in_thread(holes.fallocate, disk, mode, offset, length)
+
+    @fuse_errors(lambda self, fh, *a, **k: self._fh_name(fh))
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE from the chain's block status. ENOSYS (the kernel then treats
+        the whole file as data from now on) when the mount was told not to report holes."""
+        if not self.options.seek_holes:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        disk = self.image(fh).disk
+        if whence == os.SEEK_DATA:
+            find = holes.seek_data
+        elif whence == os.SEEK_HOLE:
+            find = holes.seek_hole
+        else:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            found = holes.seek_cached(disk, offset, whence)
+            if found is None:
+                found = await self.in_thread(find, disk, offset)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after offset: an answer, not a failure
+                raise pyfuse3.FUSEError(errno.ENXIO) from None
+            raise
+        if self.debug:
+            log.debug("%s: lseek %d whence %d -> %d", disk.name, offset, whence, found)
+        return found
 
     @fuse_errors(lambda self, fh, *a, **k: self._fh_name(fh))
     async def release(self, fh: int) -> None:

@@ -11,6 +11,10 @@ A Parallels Desktop bundle (a ``NAME.hdd`` directory holding ``DiskDescriptor.xm
 opened through its descriptor. A ``NAME.url`` file holds the URL of a remote image (its first
 line that is neither blank nor a ``#`` comment) and exports ``NAME.raw``, read-only: the remote
 object is probed once per change of the ``.url`` file, not on every scan.
+
+Each internal snapshot of a disk (qcow2) is exported read-only beside it as
+``NAME@SNAPSHOT.raw``, or ``NAME@ID.raw`` when the snapshot's name is not a usable file name
+(empty, holding ``/`` or NUL, too long, or shared with another snapshot of the disk).
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ from dataclasses import dataclass
 
 from imgfs import remote
 from imgfs.block import chain, registry
+from imgfs.block.driver import SnapshotInfo
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import ImgfsError
+from imgfs.keys import KeyRing
 
 log = logging.getLogger(__name__)
 
 EXPORT_SUFFIX = ".raw"
+SNAPSHOT_SEPARATOR = "@"
+NAME_MAX = 255
 
 # Names that are raw disks whatever their size.
 RAW_DISK_EXTENSIONS = frozenset(
@@ -79,6 +87,7 @@ class ImageEntry:
     source_name: str = ""  # the entry in IMAGES_DIR (a file, or a bundle directory)
     # Why a writable image is exported read-only anyway (it is another disk's backing image).
     read_only_reason: str | None = None
+    snapshot: str | None = None  # the id of the internal snapshot this export shows
 
 
 @dataclass(slots=True)
@@ -89,6 +98,7 @@ class _Probed:
     companions: tuple[str, ...]
     error: str | None
     backing_files: tuple[str, ...] = ()  # real paths of every image under this one
+    snapshots: tuple[SnapshotInfo, ...] = ()
     url: str | None = None  # a NAME.url file's URL: what the disk opens
 
 
@@ -100,6 +110,7 @@ class DirectoryScanner:
         protect_backing: bool = True,
         driver_options: Mapping[str, str] | None = None,
         extra_images: Mapping[str, str] | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
         # NAME -> URL or directory given on the command line (--url, --vvfat): NAME.raw
@@ -108,7 +119,8 @@ class DirectoryScanner:
         self.driver_options = dict(driver_options or {})
         self.containment = containment
         self.protect_backing = protect_backing
-        self._cache: dict[str, tuple[tuple[int, int, int, int], _Probed]] = {}
+        self.keys = keys
+        self._cache: dict[str, tuple[tuple[object, ...], _Probed]] = {}
         self._reported: set[tuple[str, str]] = set()
         # real path of a backing image -> the exported disk that uses it (from the last scan)
         self._backing_users: dict[str, str] = {}
@@ -146,6 +158,8 @@ class DirectoryScanner:
                 self._report_once(name, f"{entry.name} is {entries[entry.name].source_name}")
             elif entry is not None:
                 entries[entry.name] = entry
+                for snap in self._snapshot_entries(entry, probed):
+                    entries.setdefault(snap.name, snap)
         for name, target in self.extra_images.items():
             entry = self._extra_entry(name, target)
             if entry is not None and entry.name in entries:
@@ -187,6 +201,7 @@ class DirectoryScanner:
                     read_only=True,
                     containment=self.containment,
                     driver_options=self.driver_options,
+                    keys=self.keys,
                 )
             else:  # the user named this directory: no containment for it
                 top = chain.open_chain(target, "vvfat", read_only=True)
@@ -196,6 +211,39 @@ class DirectoryScanner:
             return _Probed(top.format_name, top.virtual_size, False, (), None, url=target)
         finally:
             chain.close_chain(top)
+
+    def _snapshot_entries(self, entry: ImageEntry, probed: _Probed) -> list[ImageEntry]:
+        """Read-only exports of the image's internal snapshots."""
+        out: list[ImageEntry] = []
+        names = [s.name for s in probed.snapshots]
+        base = entry.source_name + SNAPSHOT_SEPARATOR
+        for snap in probed.snapshots:
+            label = snap.name
+            exported = base + label + EXPORT_SUFFIX
+            problem = None
+            if not label or "/" in label or "\0" in label:
+                problem = "is not a usable file name"
+            elif names.count(label) > 1:
+                problem = "is shared by several snapshots"
+            elif len(os.fsencode(exported)) > NAME_MAX:
+                problem = "is too long for a file name"
+            if problem is not None:
+                exported = base + snap.id + EXPORT_SUFFIX
+                if "/" in snap.id or "\0" in snap.id or len(os.fsencode(exported)) > NAME_MAX:
+                    self._report_once(entry.source_name, f"snapshot {snap.id!r} not exported: "
+                                      "neither its name nor its id is a usable file name",
+                                      level=logging.WARNING)  # fmt: skip
+                    continue
+                self._report_once(
+                    entry.source_name,
+                    f"snapshot name {label!r} {problem}: exported by its id as {exported}",
+                    level=logging.INFO,
+                )
+            out.append(
+                ImageEntry(exported, entry.path, entry.format, snap.virtual_size, False, entry.st,
+                           entry.source_name, "it is an internal snapshot", snap.id)
+            )  # fmt: skip
+        return out
 
     def refresh(self, name: str) -> ImageEntry | None:
         """One image file again (after imgfs changed it), without rescanning the directory."""
@@ -223,11 +271,23 @@ class DirectoryScanner:
         is_vvfat = stat.S_ISDIR(st.st_mode) and name.endswith(VVFAT_SUFFIX)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or is_vvfat):
             return None
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, self._key_stamp(path))
         cached = self._cache.get(path)
         probed = cached[1] if cached and cached[0] == key else self._probe_safely(path, name, st)
         self._cache[path] = (key, probed)
         return st, probed
+
+    def _key_stamp(self, path: str) -> tuple[int, int] | None:
+        """When the image's key file was last changed: a key added or fixed while mounted
+        makes the image probe again (and appear)."""
+        key_file = self.keys.key_file(path) if self.keys is not None else None
+        if key_file is None:
+            return None
+        try:
+            st = os.stat(key_file)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns)
 
     def _entry(self, name: str, st: os.stat_result, probed: _Probed) -> ImageEntry | None:
         if probed.format is None:
@@ -288,7 +348,12 @@ class DirectoryScanner:
             return _Probed(fmt, st.st_size, True, companions, None)
         try:
             top = chain.open_chain(
-                path, fmt, read_only=True, cache=CacheMode.WRITEBACK, containment=self.containment
+                path,
+                fmt,
+                read_only=True,
+                cache=CacheMode.WRITEBACK,
+                containment=self.containment,
+                keys=self.keys,
             )
         except ImgfsError as e:
             return _Probed(fmt, 0, False, companions, str(e))
@@ -299,8 +364,9 @@ class DirectoryScanner:
                 if not remote.is_url(n.file.path)
             )
             return _Probed(
-                fmt, top.virtual_size, driver_cls.supports_write, companions, None, backing
-            )
+                fmt, top.virtual_size, driver_cls.supports_write, companions, None, backing,
+                tuple(top.snapshots()),
+            )  # fmt: skip
         finally:
             chain.close_chain(top)
 
@@ -328,6 +394,7 @@ class DirectoryScanner:
                 cache=CacheMode.WRITEBACK,
                 containment=self.containment,
                 driver_options=self.driver_options,
+                keys=self.keys,
             )
         except ImgfsError as e:
             return _Probed("?", 0, False, (), str(e))

@@ -84,3 +84,7 @@ def open_url(
     if scheme in _TAKES_OPTIONS:
         return opener(url, writable, cache, options=options or {})  # type: ignore[call-arg]
     return opener(url, writable, cache)
+
+
+# Protocol backends register their schemes on import.
+from imgfs.remote import nbd as _nbd  # noqa: E402,F401

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from imgfs.block.disk import open_disk
-from imgfs.errors import CorruptImage, Unsupported
+from imgfs.errors import CorruptImage, KeyRequired, Unsupported
 from imgfs.formats.qcow import QcowDriver
 from tests.formats.test_qed import (
     corrupt_copy,
@@ -252,7 +252,8 @@ MALFORMED = {
     "l1_long": (header(size=1 << 60, cluster_bits=9, l2_bits=6), CorruptImage, "L1"),
     "l1_past_eof": (header(l1=1 << 40), CorruptImage, "1099511627776"),
     "backing_out": (header(bf_off=48, bf_size=1 << 20), CorruptImage, "backing"),
-    "encrypted": (header(crypt=1), Unsupported, "encrypted qcow images are not supported yet"),
+    "encrypted": (header(crypt=1), KeyRequired, "encrypted \\(aes\\); no key given"),
+    "crypt_method": (header(crypt=2), Unsupported, "crypt_method 2"),
     "version_2": (header(version=2), Unsupported, "version 2"),
 }
 
@@ -270,13 +271,13 @@ def test_malformed_headers_are_rejected(tmp_path: Path, case: str) -> None:
     assert time.monotonic() - start < 2
 
 
-def test_qemu_encrypted_image_is_unsupported(tmp_path: Path) -> None:
+def test_qemu_encrypted_image_needs_a_key(tmp_path: Path) -> None:
     image = tmp_path / "enc.qcow"
     qemu_img(
         "create", "-q", "-f", "qcow", "--object", "secret,id=sec0,data=123456",
         "-o", "encrypt.format=aes,encrypt.key-secret=sec0", str(image), "1M",
     )  # fmt: skip
-    with pytest.raises(Unsupported, match="encrypted qcow images are not supported yet"):
+    with pytest.raises(KeyRequired, match="no key given"):
         open_disk(str(image), read_only=True)
 
 

@@ -119,6 +119,7 @@ def test_info_and_convert_from_url(served: dict[str, Path], nginx: Nginx, tmp_pa
     assert info["format"] == "vmdk" and info["filename"] == url
     assert info["virtual-size"] == 12 * MiB
     out = tmp_path / "out.raw"
+    out.write_bytes(b"an existing output file is replaced")
     run_imgfs("convert", url, str(out), check=True)
     assert_same_bytes(out, qemu_raw(served["stream.vmdk"], tmp_path / "expected", "vmdk"))
     # converted to qcow2 from the URL, then checked by qemu

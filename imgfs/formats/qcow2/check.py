@@ -76,7 +76,8 @@ def check_image(drv: Qcow2Driver, repair: RepairMode, *, rebuilt: bool = False) 
     # Active L1 and everything under it.
     _count_l1(drv, counter, h.l1_table_offset, h.l1_size, active=True)
     # Snapshots: their L1 tables and what those reference, then the snapshot table.
-    for snap in drv.snapshots:
+    for entry in drv.snapshot_entries:
+        snap = entry.snap
         _count_l1(drv, counter, snap.l1_table_offset, snap.l1_size, active=False)
     if h.nb_snapshots:
         add(h.snapshots_offset, drv.snapshot_table_size, "snapshot table")

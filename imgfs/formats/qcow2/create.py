@@ -15,6 +15,14 @@ from imgfs.block.hostfile import CacheMode, HostFile
 from imgfs.errors import InvalidRequest
 from imgfs.formats.qcow2 import layout as L
 from imgfs.formats.qcow2.cache import RefcountBlock, encode_u64
+from imgfs.formats.qcow2.encryption import (
+    CRYPT_LUKS,
+    CRYPT_NONE,
+    ENCRYPT_OPTIONS,
+    FDE_EXT,
+    create_key,
+    create_params,
+)
 from imgfs.units import bool_option, choice_option, size_option
 
 CREATE_OPTIONS: dict[str, str] = {
@@ -30,7 +38,7 @@ CREATE_OPTIONS: dict[str, str] = {
     "data_file": "file name of an external data file holding the guest data",
     "data_file_raw": "on/off: the data file is also a valid raw image",
     "preallocation": "off (default), metadata, falloc or full",
-}
+} | ENCRYPT_OPTIONS
 
 
 # The feature name table QEMU writes, so tools that do not know a bit can still name it.
@@ -90,17 +98,29 @@ def create_image(path: str, size: int, options: Mapping[str, str]) -> None:
         raise InvalidRequest("qcow2 backing_file name is longer than 1023 bytes")
     if backing and prealloc != "off":
         raise InvalidRequest("qcow2 preallocation cannot be used with a backing file")
+    crypt_method, luks_spec, luks_hash, iter_time = create_params(options)
+    luks_area = b""
+    if crypt_method != CRYPT_NONE:
+        if prealloc != "off" or data_file:
+            raise InvalidRequest("qcow2 encryption cannot be used with preallocation or data_file")
+        key = create_key(options, "an encrypted qcow2 image")
+        if crypt_method == CRYPT_LUKS:
+            from imgfs.crypto import luks1
+
+            assert luks_spec is not None
+            _, luks_area, _ = luks1.build(luks_spec, luks_hash, key, iter_time)
 
     l2_entries = cs // (16 if extl2 else 8)
     l1_size = -(-size // (l2_entries * cs))
     if l1_size * 8 > L.MAX_L1_BYTES:
         raise InvalidRequest(f"qcow2 size {size} is too large for cluster_size {cs}")
     l1_clusters = -(-l1_size * 8 // cs)
+    crypt_clusters = -(-len(luks_area) // cs)
     rb_entries = cs * 8 // refcount_bits
     # header, refcount table, refcount blocks, L1: solve for the counts together.
     rt_clusters, blocks = 1, 1
     while True:
-        total = 1 + rt_clusters + blocks + l1_clusters
+        total = 1 + rt_clusters + blocks + l1_clusters + crypt_clusters
         need_blocks = -(-total // rb_entries)
         need_rt = max(1, -(-need_blocks * 8 // cs))
         if (need_blocks, need_rt) == (blocks, rt_clusters):
@@ -119,7 +139,7 @@ def create_image(path: str, size: int, options: Mapping[str, str]) -> None:
         autoclear |= L.AUTOCLEAR_DATA_FILE_RAW
     h = L.Header(
         version=version, backing_file_offset=0, backing_file_size=0, cluster_bits=cb,
-        size=size, crypt_method=0, l1_size=l1_size,
+        size=size, crypt_method=crypt_method, l1_size=l1_size,
         l1_table_offset=(1 + rt_clusters + blocks) * cs, refcount_table_offset=cs,
         refcount_table_clusters=rt_clusters, nb_snapshots=0, snapshots_offset=0,
         incompatible=incompatible, compatible=L.COMPAT_LAZY_REFCOUNTS if lazy else 0,
@@ -133,6 +153,9 @@ def create_image(path: str, size: int, options: Mapping[str, str]) -> None:
         h.extensions.append((L.EXT_FEATURE_TABLE, _feature_table()))
     if data_file:
         h.extensions.append((L.EXT_DATA_FILE, data_file.encode()))
+    crypt_offset = (1 + rt_clusters + blocks + l1_clusters) * cs
+    if luks_area:
+        h.extensions.append((L.EXT_CRYPTO, FDE_EXT.pack(crypt_offset, len(luks_area))))
     fixed = h.pack_fixed()
     exts = h.pack_extensions()
     header = bytearray(fixed + exts)
@@ -145,7 +168,7 @@ def create_image(path: str, size: int, options: Mapping[str, str]) -> None:
         raise InvalidRequest("qcow2 header, extensions and backing file name exceed a cluster")
     header += bytes(cs - len(header))
 
-    used = 1 + rt_clusters + blocks + l1_clusters
+    used = 1 + rt_clusters + blocks + l1_clusters + crypt_clusters
     table = [0] * (rt_clusters * cs // 8)
     block_data = bytearray()
     for j in range(blocks):
@@ -164,6 +187,8 @@ def create_image(path: str, size: int, options: Mapping[str, str]) -> None:
         os.pwrite(fd, encode_u64(array(U64_CODE, table)), cs)
         os.pwrite(fd, bytes(block_data), (1 + rt_clusters) * cs)
         os.ftruncate(fd, used * cs)  # the L1 table: zeros
+        if luks_area:
+            os.pwrite(fd, luks_area, crypt_offset)
         os.fsync(fd)
     finally:
         os.close(fd)

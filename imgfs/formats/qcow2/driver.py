@@ -25,8 +25,13 @@ Other choices:
   (inconsistent) in the bitmap directory, as QEMU itself does while it has an image open for
   writing; the bitmaps auto-clear bit stays, so ``qemu-img check`` still counts their clusters;
 * unknown auto-clear bits are cleared on a writable open (the spec's rule);
-* images with internal snapshots, or with the corrupt bit, open read-only (with a note);
-  a dirty image opened for writing has its refcounts rebuilt first (``check -r all``);
+* images with the corrupt bit open read-only (with a note); a dirty image opened for writing
+  has its refcounts rebuilt first (``check -r all``);
+* internal snapshots (:mod:`~imgfs.formats.qcow2.snapshot`): clusters and L2 tables whose
+  active entry has the COPIED flag clear are shared with a snapshot and copied before a write
+  (an L2 table when one of its entries changes); the shared original only loses the active
+  layer's reference, deferred like any free. ``OpenOptions.snapshot`` opens a snapshot's own
+  L1 table read-only;
 * ``cheap_reads`` is False for zstd images and for images whose first L2 tables hold
   compressed clusters (reads then decompress on the worker pool);
 * reads map under the metadata lock and do their I/O outside it; freeing clusters waits for
@@ -62,11 +67,13 @@ from imgfs.block.driver import (
     OpenOptions,
     ProbeInput,
     RepairMode,
+    SnapshotInfo,
 )
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import HostFile
 from imgfs.errors import CorruptImage, InvalidRequest, NoSpace, Unsupported
 from imgfs.formats.qcow2 import layout as L
+from imgfs.formats.qcow2 import snapshot as snap
 from imgfs.formats.qcow2.cache import (
     U64_CODE,
     L2Table,
@@ -76,6 +83,7 @@ from imgfs.formats.qcow2.cache import (
     encode_u64,
 )
 from imgfs.formats.qcow2.create import CREATE_OPTIONS, create_image
+from imgfs.formats.qcow2.encryption import Encryption, encryption_info, open_encryption
 
 # Segment kinds produced by the mapper.
 DATA, ZERO, UNALLOC, COMPRESSED = 0, 1, 2, 3
@@ -118,8 +126,9 @@ class Qcow2Driver(BlockDriver):
         self.data_file_raw = bool(header.autoclear & L.AUTOCLEAR_DATA_FILE_RAW)
         self.backing_name: str | None = None
         self.backing_fmt: str | None = None
-        self.snapshots: list[L.Snapshot] = []
+        self.snapshot_entries: list[snap.Entry] = []
         self.snapshot_table_size = 0
+        self.view_of: str | None = None  # the snapshot id this driver shows, if not the active
         self.bitmaps: list[L.BitmapEntry] = []
         self.bitmap_directory_offset = 0
         self._bitmaps_marked = False
@@ -142,6 +151,7 @@ class Qcow2Driver(BlockDriver):
         self._inflated_lock = threading.Lock()
         self._next_seq = -1  # where the last multi-piece/compressed read ended
         self._compress_cursor = 0  # host byte offset where the last compressed cluster ended
+        self.crypto: Encryption | None = None  # set when the image is encrypted (and unlocked)
         l2_cache_bytes = self._l2_cache_size(options)
         self.l2_cache_bytes = l2_cache_bytes
         self.l2_cache: TableCache[L2Table] = TableCache(
@@ -229,13 +239,8 @@ class Qcow2Driver(BlockDriver):
                 self.notes.append("the image is marked corrupt: opened read-only")
             self.read_only = True
         if h.nb_snapshots:
-            self.snapshots = self._read_snapshots(file_size)
-            if not self.read_only:
-                self.notes.append(
-                    "the image has internal snapshots: opened read-only (writing images with "
-                    "snapshots is not supported yet)"
-                )
-                self.read_only = True
+            self.snapshot_entries = snap.read_table(self)
+            self.snapshot_table_size = sum(len(e.raw) for e in self.snapshot_entries)
         # L1 table.
         l1_bytes = h.l1_size * 8
         if h.l1_size and (h.l1_table_offset == 0 or h.l1_table_offset >= max(file_size, cs)):
@@ -252,6 +257,8 @@ class Qcow2Driver(BlockDriver):
                 f"{path}: qcow2 refcount_table_offset {h.refcount_table_offset} is past the end"
             )
         self.reftable = decode_u64(self.file.pread(h.refcount_table_offset, rt_bytes))
+        if self.options.snapshot is not None:
+            snap.open_view(self, self.options.snapshot)
         # Bitmaps.
         ext = h.extension(L.EXT_BITMAPS)
         if ext is not None and h.autoclear & L.AUTOCLEAR_BITMAPS:
@@ -264,9 +271,12 @@ class Qcow2Driver(BlockDriver):
             self.bitmaps = L.parse_bitmap_directory(
                 bytes(self.file.pread(dir_offset, dir_size)), nb, path
             )
+        if h.crypt_method:
+            self.crypto = open_encryption(self.file, h, self.options.key, file_size)
+            self.cheap_reads = False  # type: ignore[misc]
         # Reads that decompress are not cheap: say so for zstd images and for images whose
         # first L2 tables hold compressed clusters (a sample, so open stays fast).
-        if h.compression_type != L.COMPRESSION_ZLIB or self._sample_compressed():
+        elif h.compression_type != L.COMPRESSION_ZLIB or self._sample_compressed():
             self.cheap_reads = False  # type: ignore[misc]
         if not self.read_only:
             self._open_for_write()
@@ -283,25 +293,6 @@ class Qcow2Driver(BlockDriver):
             if tables == 0:
                 break
         return False
-
-    def _read_snapshots(self, file_size: int) -> list[L.Snapshot]:
-        h = self.h
-        pos = h.snapshots_offset
-        buf = bytearray()
-        # Each entry: a fixed part, then extra data, id and name of announced lengths.
-        for _ in range(h.nb_snapshots):
-            fixed = bytes(self.file.pread(pos, L.SNAPSHOT_HEADER.size))
-            (_, _, id_len, name_len, _, _, _, _, extra) = L.SNAPSHOT_HEADER.unpack(fixed)
-            if extra > 1024:
-                raise CorruptImage(f"{self.file.path}: qcow2 snapshot extra data {extra} too big")
-            total = L.SNAPSHOT_HEADER.size + extra + id_len + name_len
-            total += -total % 8
-            if pos + total > file_size:
-                raise CorruptImage(f"{self.file.path}: qcow2 snapshot table past end of file")
-            buf += self.file.pread(pos, total)
-            pos += total
-        self.snapshot_table_size = pos - h.snapshots_offset
-        return L.parse_snapshots(bytes(buf), h.nb_snapshots, self.file.path)
 
     def _open_for_write(self) -> None:
         h = self.h
@@ -333,6 +324,9 @@ class Qcow2Driver(BlockDriver):
         if self.backing_name is None:
             return None
         return BackingSpec(self.backing_name, self.backing_fmt)
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        return [snap.info_of(self, e) for e in self.snapshot_entries]
 
     # -- metadata access ------------------------------------------------------------------------
 
@@ -378,7 +372,7 @@ class Qcow2Driver(BlockDriver):
                     f"{self.file.path}: qcow2 L2 table offset {offset} is past the end of file"
                 )
             if allocate and not l1e & L.OFLAG_COPIED:
-                raise Unsupported(f"{self.file.path}: shared L2 tables (snapshots) are read-only")
+                return snap.cow_l2_table(self, l1_index, offset)  # shared with a snapshot
             return self.l2_cache.get(offset)
         if not allocate:
             return None
@@ -428,22 +422,25 @@ class Qcow2Driver(BlockDriver):
             raise CorruptImage(f"{self.file.path}: qcow2 data cluster offset {host} unaligned")
         if self.extl2:
             alloc = (bitmap >> sub) & 1
+            # A zero or unallocated subcluster of an allocated cluster keeps its host offset
+            # (block status reports it, as qemu-img map does).
+            sub_host = host + (sub << self.sub_bits) if host else 0
             if (bitmap >> (32 + sub)) & 1:
                 if alloc:
                     raise CorruptImage(
                         f"{self.file.path}: qcow2 subcluster both allocated and zero "
                         f"(bitmap 0x{bitmap:016x})"
                     )
-                return ZERO, 0
+                return ZERO, sub_host
             if alloc:
                 if not host and self.data_file is None:
                     raise CorruptImage(
                         f"{self.file.path}: qcow2 allocated subcluster without a host offset"
                     )
                 return DATA, host + (sub << self.sub_bits)
-            return UNALLOC, 0
+            return UNALLOC, sub_host
         if entry & L.OFLAG_ZERO and self.v3:
-            return ZERO, 0
+            return ZERO, host  # a preallocated zero cluster keeps its host cluster
         if host or (self.data_file is not None and entry & L.OFLAG_COPIED):
             return DATA, host
         return UNALLOC, 0
@@ -457,8 +454,21 @@ class Qcow2Driver(BlockDriver):
         sub_size, sub_bits, cb = self.sub_size, self.sub_bits, self.cb
         subs_per_cluster = self.cs >> sub_bits
         cmask = self.cs - 1
+        span_bits = self.l2_bits + cb
         while pos < end:
             gci = pos >> cb
+            l1i = gci >> self.l2_bits
+            if l1i < len(self.l1) and not self.l1[l1i] & L.L1E_OFFSET_MASK:
+                # No L2 table: its whole span is unallocated, in one step (a walk over a huge
+                # sparse disk must not visit every cluster).
+                span_end = min(end, (l1i + 1) << span_bits)
+                if out and out[-1][0] == UNALLOC and not out[-1][3]:
+                    lk, lg, ll, lh = out[-1]
+                    out[-1] = (lk, lg, ll + span_end - pos, lh)
+                else:
+                    out.append((UNALLOC, pos, span_end - pos, 0))
+                pos = span_end
+                continue
             entry, bitmap = self._entry(gci)
             cluster_end = min(end, (gci + 1) << cb)
             if (
@@ -484,9 +494,19 @@ class Qcow2Driver(BlockDriver):
                     host += p & in_mask
                     if host + (q - p) > L.MAX_HOST_OFFSET:
                         raise CorruptImage(f"{self.file.path}: qcow2 host offset {host} invalid")
+                elif kind != COMPRESSED and host:
+                    host += p & in_mask  # a zero/unallocated range with a host cluster
                 if out:
                     lk, lg, ll, lh = out[-1]
-                    if lk == kind and kind != COMPRESSED and (kind != DATA or lh + ll == host):
+                    if (
+                        lk == kind
+                        and kind != COMPRESSED
+                        and (
+                            lh + ll == host
+                            if kind == DATA or (lh and host)
+                            else not lh and not host
+                        )
+                    ):
                         out[-1] = (lk, lg, ll + q - p, lh)
                         continue
                 out.append((kind, p, q - p, host))
@@ -496,6 +516,8 @@ class Qcow2Driver(BlockDriver):
     # -- reads ----------------------------------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        if self.crypto is not None:
+            return self._read_encrypted(offset, length)
         cb = self.cb
         gci = offset >> cb
         fast = compressed = False
@@ -541,6 +563,37 @@ class Qcow2Driver(BlockDriver):
         finally:
             self._read_done()
 
+    def _read_encrypted(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        """Whole sectors are decrypted: the range is widened to sectors (the last one may
+        reach past an odd virtual size; its cluster is whole on the host)."""
+        start = offset & ~511
+        end = (offset + length + 511) & ~511
+        with self._lock:
+            segments = self._segments(start, end - start)
+            with self._inflight_lock:
+                self._inflight += 1
+        try:
+            out = self._read_segments(start, end - start, segments)
+        finally:
+            self._read_done()
+        if start == offset and end == offset + length:
+            return out
+        return memoryview(out)[offset - start : offset - start + length]
+
+    def _data_pread(self, target: HostFile, host: int, guest: int, n: int) -> bytes | bytearray:
+        data = target.pread(host, n)
+        if self.crypto is not None:
+            return self.crypto.decrypt(data, host, guest)
+        return data
+
+    def _data_pwrite(
+        self, target: HostFile, host: int, guest: int, data: bytes | bytearray | memoryview
+    ) -> None:
+        """Guest data to its host place (encrypted first in an encrypted image)."""
+        if self.crypto is not None:
+            data = self.crypto.encrypt(data, host, guest)
+        target.pwrite(host, data)
+
     def _read_done(self) -> None:
         with self._inflight_lock:
             self._inflight -= 1
@@ -566,7 +619,7 @@ class Qcow2Driver(BlockDriver):
         if len(segments) == 1:
             kind, g, n, host = segments[0]
             if kind == DATA:
-                return data_file.pread(host, n)
+                return self._data_pread(data_file, host, g, n)
             if kind == ZERO:
                 return bytes(n)
             if kind == UNALLOC:
@@ -577,7 +630,7 @@ class Qcow2Driver(BlockDriver):
         for kind, g, n, host in segments:
             at = g - offset
             if kind == DATA:
-                view[at : at + n] = data_file.pread(host, n)
+                view[at : at + n] = self._data_pread(data_file, host, g, n)
             elif kind == UNALLOC:
                 if self.backing is not None:
                     view[at : at + n] = self.read_backing(g, n)
@@ -588,6 +641,8 @@ class Qcow2Driver(BlockDriver):
     def _inflated_piece(self, entry: int, g: int, n: int, prev_end: int) -> memoryview:
         """Guest bytes [g, g + n) of one compressed cluster. A read continuing the previous one
         is sequential: inflate the cluster whole (once); otherwise stop at the end of the range."""
+        if self.crypto is not None:
+            raise CorruptImage(f"{self.file.path}: compressed cluster in an encrypted image")
         c_off = g & (self.cs - 1)
         whole = c_off == 0 and n == self.cs  # then it is not kept: nothing else wants it soon
         cluster = self._decompress(entry, self.cs if g == prev_end else c_off + n, not whole)
@@ -670,8 +725,8 @@ class Qcow2Driver(BlockDriver):
                 total += m
             return Extent(offset, total, Allocation.DATA)
         if kind == ZERO:
-            return Extent(offset, n, Allocation.ZERO)
-        return Extent(offset, n, Allocation.UNALLOCATED)
+            return Extent(offset, n, Allocation.ZERO, host_offset=host or None)
+        return Extent(offset, n, Allocation.UNALLOCATED, host_offset=host or None)
 
     # -- refcounts ------------------------------------------------------------------------------
 
@@ -850,15 +905,35 @@ class Qcow2Driver(BlockDriver):
         view = memoryview(data).cast("B")
         with self._lock:
             self._before_write()
+            if self.crypto is not None and (offset | len(view)) & 511:
+                view, offset = self._widen_to_sectors(offset, view)
             self._write_locked(offset, view)
             if len(self._pending_free) > PENDING_FREE_LIMIT:
                 self._flush_locked()
+
+    def _widen_to_sectors(self, offset: int, view: memoryview) -> tuple[memoryview, int]:
+        """An encrypted image is written in whole sectors: complete the edge sectors from
+        their current content (under the metadata lock, so no other write slips between)."""
+        start = offset & ~511
+        end = (offset + len(view) + 511) & ~511
+        buf = (
+            bytearray(self._read_encrypted(start, offset - start))
+            if start < offset
+            else bytearray()
+        )
+        buf += view
+        if len(buf) < end - start:
+            tail = self._read_encrypted(end - 512, 512)
+            buf += memoryview(tail)[len(buf) - (end - 512 - start) :]
+        return memoryview(buf), start
 
     def _in_place(self, entry: int, bitmap: int, start: int, end: int) -> int | None:
         """Host offset for guest bytes [start, end) of one cluster when they can be written
         in place (allocated, not shared, not compressed), else None."""
         if entry & L.OFLAG_COMPRESSED or not entry & L.OFLAG_COPIED:
             return None
+        if not self.l1[start >> (self.cb + self.l2_bits)] & L.OFLAG_COPIED:
+            return None  # a shared L2 table: its entries' COPIED flags are not to be trusted
         host = entry & L.L2E_OFFSET_MASK
         if not host and self.data_file is None:
             return None
@@ -906,7 +981,7 @@ class Qcow2Driver(BlockDriver):
                         f"{target.path}: qcow2 data cluster at {host & ~(cs - 1)} lies past "
                         f"the end of the file ({self._data_end(target)} bytes)"
                     )
-                target.pwrite(host, view[pos - offset : run_end - offset])
+                self._data_pwrite(target, host, pos, view[pos - offset : run_end - offset])
                 pos = run_end
                 continue
             if (
@@ -938,7 +1013,7 @@ class Qcow2Driver(BlockDriver):
         if cend < hi:
             buf += self._old_content(cend, hi)
         host = entry & L.L2E_OFFSET_MASK
-        (self.data_file or self.file).pwrite(host + (s0 << sb), buf)
+        self._data_pwrite(self.data_file or self.file, host + (s0 << sb), lo, buf)
         mask = ((1 << (s1 + 1)) - 1) & ~((1 << s0) - 1)
         bitmap = (bitmap | mask) & ~(mask << 32)
         self._set_entry(gci, entry, bitmap)
@@ -987,6 +1062,7 @@ class Qcow2Driver(BlockDriver):
         elif (
             not self.extl2
             and self.data_file is None
+            and self.crypto is None  # zeros on the host do not decrypt to zeros
             and self._reads_zero_entry(entries[0][0])
             and self._reads_zero_entry(entries[count - 1][0])
         ):
@@ -1009,7 +1085,7 @@ class Qcow2Driver(BlockDriver):
             if run_end < hi:
                 b += self._old_content(run_end, hi)
             buf = b
-        target.pwrite(host + (lo - first_start), buf)
+        self._data_pwrite(target, host + (lo - first_start), lo, buf)
         if self.data_file is None and self.file.size() < new_end:
             self.file.truncate(new_end)  # whole clusters, as qemu-img check expects
         return self._point_l2(gci, count, entries, host, lo, hi, run_end)
@@ -1289,6 +1365,9 @@ class Qcow2Driver(BlockDriver):
 
     def write_compressed(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._writable()
+        if self.crypto is not None:
+            raise Unsupported(f"{self.file.path}: encrypted qcow2 images have no compressed "
+                              "clusters")  # fmt: skip
         if self.data_file is not None:
             raise Unsupported(f"{self.file.path}: qcow2 images with a data file have no "
                               "compressed clusters")  # fmt: skip
@@ -1359,6 +1438,8 @@ class Qcow2Driver(BlockDriver):
         if new_size % 512 or new_size < 0:
             raise InvalidRequest(f"{self.file.path}: size {new_size} is not a multiple of 512")
         old_size = self.h.size
+        if new_size < old_size and self.snapshot_entries:
+            raise Unsupported(f"{self.file.path}: cannot shrink an image that has snapshots")
         with self._lock:
             need = -(-new_size // (self.l2_entries * self.cs))
             if need * 8 > L.MAX_L1_BYTES:
@@ -1558,18 +1639,24 @@ class Qcow2Driver(BlockDriver):
             spec["corrupt"] = bool(h.incompatible & L.INCOMPAT_CORRUPT)
             spec["extended-l2"] = self.extl2
         spec["l2-cache-size"] = self.l2_cache_bytes
+        if h.crypt_method:
+            spec["encrypt"] = (
+                self.crypto.format_specific()
+                if self.crypto is not None
+                else encryption_info(self.file, h, self.file.size())
+            )
         snapshots = [
             {
-                "icount": 0,
-                "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
-                "name": s.name,
-                "date-sec": s.date_sec,
-                "date-nsec": s.date_nsec,
-                "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000,
-                "id": s.id,
-                "vm-state-size": s.vm_state_size,
+                **({"icount": e.icount} if e.icount is not None else {}),
+                "vm-clock-nsec": e.snap.vm_clock_nsec % 1_000_000_000,
+                "name": e.snap.name,
+                "date-sec": e.snap.date_sec,
+                "date-nsec": e.snap.date_nsec,
+                "vm-clock-sec": e.snap.vm_clock_nsec // 1_000_000_000,
+                "id": e.snap.id,
+                "vm-state-size": e.snap.vm_state_size,
             }
-            for s in self.snapshots
+            for e in self.snapshot_entries
         ]
         return ImageInfo(
             filename=self.file.path,
@@ -1581,6 +1668,7 @@ class Qcow2Driver(BlockDriver):
             backing_filename=self.backing_name,
             backing_filename_format=self.backing_fmt,
             format_specific=spec,
+            encrypted=bool(h.crypt_method),
             snapshots=snapshots,
             notes=list(self.notes),
         )
@@ -1590,6 +1678,8 @@ class Qcow2Driver(BlockDriver):
 
         if repair is not RepairMode.NONE:
             self._writable()
+        if self.view_of is not None:
+            raise Unsupported(f"{self.file.path}: check the image, not its snapshot {self.view_of}")
         with self._lock:
             # Deferred frees and dirty tables first, so on-disk and in-memory state agree.
             self._flush_locked()

@@ -178,8 +178,8 @@ def parse_header(buf: bytes, path: str) -> Header:
             h.compression_type = buf[COMPRESSION_TYPE_OFFSET]
     if h.refcount_order > 6:
         raise CorruptImage(f"{path}: qcow2 refcount_order {h.refcount_order} exceeds 6")
-    if h.crypt_method != 0:
-        raise Unsupported(f"{path}: encrypted qcow2 images are not supported yet")
+    if h.crypt_method not in (0, 1, 2):
+        raise Unsupported(f"{path}: qcow2 crypt_method {h.crypt_method} is unknown")
     if bool(h.incompatible & INCOMPAT_COMPRESSION) != (h.compression_type != COMPRESSION_ZLIB):
         raise CorruptImage(
             f"{path}: qcow2 compression_type {h.compression_type} does not match the "
@@ -266,6 +266,8 @@ def feature_name(h: Header, kind: int, bit: int) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
+    """A snapshot table entry's fields (parsed and validated in :mod:`.snapshot`)."""
+
     l1_table_offset: int
     l1_size: int
     id: str
@@ -275,46 +277,6 @@ class Snapshot:
     vm_clock_nsec: int
     vm_state_size: int
     disk_size: int | None
-
-
-def parse_snapshots(buf: bytes, count: int, path: str) -> list[Snapshot]:
-    out: list[Snapshot] = []
-    pos = 0
-    for i in range(count):
-        if pos + SNAPSHOT_HEADER.size > len(buf):
-            raise CorruptImage(f"{path}: qcow2 snapshot table truncated at entry {i}")
-        (l1_off, l1_size, id_len, name_len, sec, nsec, vmclock, vmstate, extra) = (
-            SNAPSHOT_HEADER.unpack_from(buf, pos)
-        )
-        pos += SNAPSHOT_HEADER.size
-        if extra > 1024:
-            raise CorruptImage(f"{path}: qcow2 snapshot {i} extra data size {extra} too large")
-        disk_size = None
-        if extra >= 16:
-            vmstate = U64.unpack_from(buf, pos)[0]
-            disk_size = U64.unpack_from(buf, pos + 8)[0]
-        pos += extra
-        sid = bytes(buf[pos : pos + id_len]).decode("utf-8", "replace")
-        pos += id_len
-        name = bytes(buf[pos : pos + name_len]).decode("utf-8", "replace")
-        pos += name_len
-        pos += -pos % 8
-        if pos > len(buf):
-            raise CorruptImage(f"{path}: qcow2 snapshot table truncated at entry {i}")
-        if l1_size * 8 > MAX_L1_BYTES:
-            raise CorruptImage(f"{path}: qcow2 snapshot {i} l1_size {l1_size} too large")
-        out.append(Snapshot(l1_off, l1_size, sid, name, sec, nsec, vmclock, vmstate, disk_size))
-    return out
-
-
-def snapshot_table_size(buf: bytes, count: int) -> int:
-    """Bytes used by ``count`` snapshot entries at the start of ``buf``."""
-    pos = 0
-    for _ in range(count):
-        (_, _, id_len, name_len, _, _, _, _, extra) = SNAPSHOT_HEADER.unpack_from(buf, pos)
-        pos += SNAPSHOT_HEADER.size + extra + id_len + name_len
-        pos += -pos % 8
-    return pos
 
 
 @dataclass(frozen=True, slots=True)
