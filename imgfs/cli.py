@@ -87,6 +87,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         discard=discard,
         seek_holes=seek_holes,
         keys=KeyRing.from_args(args.key or [], args.key_dir),
+        extra_images=extra_images(args),
     )
     log_file = args.log or default_log_path(args.mountpoint)
     # Check before forking so that the common mistakes are reported by this process.
@@ -101,13 +102,36 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return _mount_in_background(args, options, log_file, kwargs)
 
 
+def extra_images(args: argparse.Namespace) -> dict[str, str]:
+    """``--url NAME=URL`` and ``--vvfat NAME=DIR``: disks exported as NAME.raw besides the
+    images in IMAGES_DIR."""
+    from imgfs import remote
+
+    out: dict[str, str] = {}
+    for flag, items in (("--url", args.url or []), ("--vvfat", args.vvfat or [])):
+        for item in items:
+            name, sep, target = item.partition("=")
+            if not sep or not name or "/" in name or name.startswith("."):
+                raise UsageError(f"{flag} {item!r}: expected NAME=TARGET, NAME a file name")
+            if flag == "--url" and not remote.is_url(target):
+                raise UsageError(f"{flag} {item!r}: {target!r} is not a URL imgfs can open")
+            if flag == "--vvfat" and not os.path.isdir(target):
+                raise UsageError(f"{flag} {item!r}: {target!r} is not a directory")
+            if name in out:
+                raise UsageError(f"{flag} {item!r}: {name} is named twice")
+            out[name] = target
+    return out
+
+
 def split_mount_options(items: list[str]) -> tuple[list[str], dict[str, str]]:
     """``-o`` items into FUSE options and format run-time options (the keys some driver names
     in ``runtime_options``, such as ``l2-cache-size``)."""
+    from imgfs import remote
     from imgfs.block import registry
 
     driver_keys = {key for d in registry.all_drivers() for key in d.runtime_options}
     driver_keys.update(holes.MOUNT_OPTION_KEYS)  # taken out again by holes.mount_policy
+    driver_keys.update(remote.runtime_options())  # ca-file, http-timeout, ...
     fuse: list[str] = []
     driver: dict[str, str] = {}
     for item in items:
@@ -468,6 +492,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="OPT[,OPT...]",
         help="FUSE mount options, and format options such as l2-cache-size=SIZE",
+    )
+    p.add_argument(
+        "--url",
+        action="append",
+        metavar="NAME=URL",
+        help="also export the image at URL (http, https, ...) as NAME.raw, read-only",
+    )
+    p.add_argument(
+        "--vvfat",
+        action="append",
+        metavar="NAME=DIR",
+        help="also export directory DIR as a read-only FAT32 disk NAME.raw",
     )
     p.add_argument("--log", metavar="FILE", help="log file (default: under $XDG_STATE_HOME)")
     p.add_argument("--debug", action="store_true", help="log every request")

@@ -39,7 +39,8 @@ def convert(
     bytes of the ``total``-byte disk done (copied or skipped)."""
     if "backing_file" in options:
         raise InvalidRequest("convert does not take -o backing_file (the copy is complete)")
-    if os.path.exists(dst) and os.path.samefile(src, dst):
+    # src may be a URL (no local file to compare)
+    if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
         raise InvalidRequest(f"{dst} is the source image itself")
     source = open_disk(src, src_fmt, read_only=True, keys=keys)
     try:

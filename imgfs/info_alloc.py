@@ -95,6 +95,9 @@ def _below(layer: BlockDriver, offset: int, length: int, out: AllocationSummary)
 def shared_host_bytes(file: HostFile) -> int | None:
     """Bytes of the file whose extents FIEMAP marks shared (reflinked with another file or a
     snapshot); None when the file system does not answer FIEMAP."""
+    fd = getattr(file, "fd", -1)  # remote files (HTTP, NBD) and vvfat have no host fd
+    if fd < 0:
+        return None
     shared = 0
     start = 0
     while True:
@@ -102,7 +105,7 @@ def shared_host_bytes(file: HostFile) -> int | None:
                                     EXTENTS_PER_CALL, 0))  # fmt: skip
         buf += bytes(FIEMAP_EXTENT.size * EXTENTS_PER_CALL)
         try:
-            fcntl.ioctl(file.fd, FS_IOC_FIEMAP, buf, True)
+            fcntl.ioctl(fd, FS_IOC_FIEMAP, buf, True)
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
                 return None

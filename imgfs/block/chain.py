@@ -14,9 +14,17 @@ import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from urllib.parse import urljoin
 
+from imgfs import remote
 from imgfs.block import registry
-from imgfs.block.driver import BlockDriver, OpenOptions
+from imgfs.block.driver import (
+    PROBE_HEAD_SIZE,
+    PROBE_TAIL_SIZE,
+    BlockDriver,
+    OpenOptions,
+    ProbeInput,
+)
 from imgfs.block.extent import Allocation, Extent
 from imgfs.block.hostfile import CacheMode, HostFile
 from imgfs.errors import CorruptImage, HostIOError, ImgfsError, InvalidRequest, NotPermitted
@@ -58,6 +66,39 @@ def resolve_relative(name: str, referrer: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(referrer)), name)
 
 
+def resolve_backing(name: str, referrer: str, containment: Containment) -> str:
+    """The path or URL of the backing image ``name`` that ``referrer`` stores, checked.
+
+    A URL image's names are relative to its URL and must stay on its server (a remote image
+    must not make imgfs read local files). A local image may name a URL only where external
+    files are allowed (``imgfs info``/``convert``, or a mount with --allow-external-files):
+    otherwise an image dropped into IMAGES_DIR could make the mount fetch any URL the host can
+    reach (an internal service, a cloud metadata endpoint) and show the answer as disk data.
+    """
+    if remote.is_url(referrer):
+        url = urljoin(referrer, name)
+        if not remote.is_url(url) or not (
+            remote.same_origin(url, referrer) or containment.root is None
+        ):
+            raise NotPermitted(
+                f"{referrer}: backing file {name!r} is not on the same server; "
+                "use --allow-external-files to allow it"
+            )
+        return url
+    if remote.is_url(name):
+        if containment.root is not None:
+            raise NotPermitted(
+                f"{referrer}: backing file {name!r} is a URL; "
+                "use --allow-external-files to let images fetch URLs"
+            )
+        return name
+    path = resolve_relative(name, referrer)
+    containment.check(path, "backing file", referrer)
+    if not os.path.exists(path):
+        raise CorruptImage(f"{referrer}: backing file {name!r} not found")
+    return path
+
+
 def open_host_file(path: str, *, writable: bool, cache: CacheMode) -> HostFile:
     return HostFile(path, writable=writable, direct=cache.direct, no_flush=cache.no_flush)
 
@@ -88,7 +129,7 @@ def open_chain(
     current_path, current_fmt, writable = path, fmt, not read_only
     try:
         for depth in range(MAX_CHAIN_DEPTH + 1):
-            real = os.path.realpath(current_path)
+            real = current_path if remote.is_url(current_path) else os.path.realpath(current_path)
             if real in seen:
                 raise CorruptImage(f"{path}: backing chain loops back to {current_path}")
             seen.add(real)
@@ -113,10 +154,7 @@ def open_chain(
                 raise CorruptImage(
                     f"{current_path}: backing file name {spec.filename!r} holds a NUL"
                 )
-            next_path = resolve_relative(spec.filename, current_path)
-            containment.check(next_path, "backing file", current_path)
-            if not os.path.exists(next_path):
-                raise CorruptImage(f"{current_path}: backing file {spec.filename!r} not found")
+            next_path = resolve_backing(spec.filename, current_path, containment)
             current_path, current_fmt, writable = next_path, spec.format, False
     except BaseException:
         if top is not None:
@@ -154,20 +192,54 @@ def _open_one(
 ) -> BlockDriver:
     probed = fmt is None
     probe_is_raw = None
+    is_url = remote.is_url(path)
+    # A URL is opened first (one connection, the first block cached) and probed through it.
+    url_file = (
+        remote.open_url(path, writable=False, cache=cache, options=driver_options)
+        if is_url
+        else None
+    )
+    directory_file = None
+    if url_file is None and os.path.isdir(path) and (fmt or _dir_format(path)):
+        # A directory is a disk only for a driver that builds one from it: NAME.vvfat, -f vvfat.
+        driver_cls = registry.get_driver(fmt or _dir_format(path))
+        if not getattr(driver_cls, "opens_directories", False):
+            raise HostIOError(f"{path}: is a directory", errno.EISDIR)
+        directory_file = driver_cls.directory_file(path)  # type: ignore[attr-defined]
+        probed = False
+    try:
+        if directory_file is not None:
+            pass
+        elif probed:
+            probe_input = (
+                registry.read_probe_input(path)
+                if url_file is None
+                else _probe_input_of(url_file, path)
+            )
+            driver_cls = registry.probe(probe_input)
+        else:
+            driver_cls = registry.get_driver(fmt)  # type: ignore[arg-type]
+    except BaseException:
+        if url_file is not None:
+            url_file.close()
+        raise
     if probed:
-        probe_input = registry.read_probe_input(path)
-        driver_cls = registry.probe(probe_input)
 
         def probe_is_raw(head: bytes, tail: bytes) -> bool:
             return registry.still_probes_raw(probe_input.filename, probe_input.size, head, tail)
 
-    else:
-        driver_cls = registry.get_driver(fmt)
-    if writable and not driver_cls.supports_write:
+    if (writable and not driver_cls.supports_write) or url_file is not None:
         writable = False
-    file = open_host_file(path, writable=writable, cache=cache)
+    if directory_file is not None:
+        writable = False
+    file = url_file or directory_file or open_host_file(path, writable=writable, cache=cache)
 
     def open_companion(name: str, want_write: bool) -> HostFile:
+        if is_url:  # an extent or data file of a remote image: on the same server only
+            url = urljoin(path, name)
+            if not remote.is_url(url) or not remote.same_origin(url, path):
+                raise NotPermitted(f"{path}: file {name!r} is not on the same server")
+            return remote.open_url(url, writable=False, cache=cache, options=driver_options)
         companion = resolve_relative(name, path)
         containment.check(companion, "file", path)
         return open_host_file(companion, writable=want_write and writable, cache=cache)
@@ -194,6 +266,20 @@ def _open_one(
     except OSError as e:
         file.close()
         raise HostIOError(f"{path}: {e.strerror or e}", e.errno or errno.EIO) from e
+
+
+def _dir_format(path: str) -> str:
+    """The format a directory's name asks for (``NAME.vvfat``), or ""."""
+    return "vvfat" if path.rstrip(os.sep).endswith(".vvfat") else ""
+
+
+def _probe_input_of(file: HostFile, url: str) -> ProbeInput:
+    """What the probes look at, read through an opened remote file."""
+    size = file.size()
+    head = bytes(file.pread(0, min(PROBE_HEAD_SIZE, size)))
+    tail = bytes(file.pread(max(0, size - PROBE_TAIL_SIZE), min(PROBE_TAIL_SIZE, size)))
+    name = os.path.basename(url.split("?", 1)[0].rstrip("/"))
+    return ProbeInput(filename=name, size=size, head=head, tail=tail)
 
 
 def layers(top: BlockDriver) -> Iterator[BlockDriver]:

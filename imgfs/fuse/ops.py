@@ -71,6 +71,8 @@ class MountOptions:
     seek_holes: bool = True
     # Passphrases of encrypted images (--key NAME=FILE, --key-dir DIR).
     keys: KeyRing | None = None
+    # Disks named on the command line: NAME -> URL (--url) or directory (--vvfat).
+    extra_images: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -134,6 +136,8 @@ class ImageFS(pyfuse3.Operations):
             self.containment,
             protect_backing=not options.writable_backing,
             keys=options.keys,
+            driver_options=options.driver_options,
+            extra_images=options.extra_images,
         )
         self.limiter = trio.CapacityLimiter(max(1, options.aio_threads))
         self.nodes: dict[str, Node] = {}  # by exported name

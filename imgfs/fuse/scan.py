@@ -8,7 +8,9 @@ the images is not exported as a disk. Probe results are cached by (device, inode
 A disk that another disk in the directory uses as its backing image is exported read-only
 (unless the mount says otherwise): writing a base image silently corrupts every overlay on it.
 A Parallels Desktop bundle (a ``NAME.hdd`` directory holding ``DiskDescriptor.xml``) is one disk,
-opened through its descriptor.
+opened through its descriptor. A ``NAME.url`` file holds the URL of a remote image (its first
+line that is neither blank nor a ``#`` comment) and exports ``NAME.raw``, read-only: the remote
+object is probed once per change of the ``.url`` file, not on every scan.
 
 Each internal snapshot of a disk (qcow2) is exported read-only beside it as
 ``NAME@SNAPSHOT.raw``, or ``NAME@ID.raw`` when the snapshot's name is not a usable file name
@@ -20,8 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from imgfs import remote
 from imgfs.block import chain, registry
 from imgfs.block.driver import SnapshotInfo
 from imgfs.block.hostfile import CacheMode
@@ -52,6 +56,13 @@ NON_DISK_EXTENSIONS = frozenset(
 SECTOR = 512
 # A directory that is one disk, and the file inside it that the driver opens.
 BUNDLE_DESCRIPTORS = {".hdd": "DiskDescriptor.xml"}
+# A directory exported as a FAT32 disk: NAME.vvfat exports NAME.vvfat.raw.
+VVFAT_SUFFIX = ".vvfat"
+# Cache keys of the disks named on the command line (not directory entries).
+EXTRA_KEY = "\0extra:"
+# A file naming a remote image: NAME.url exports NAME.raw.
+URL_SUFFIX = ".url"
+MAX_URL_FILE = 64 * 1024
 
 
 def looks_like_raw_disk(name: str, size: int) -> bool:
@@ -88,6 +99,7 @@ class _Probed:
     error: str | None
     backing_files: tuple[str, ...] = ()  # real paths of every image under this one
     snapshots: tuple[SnapshotInfo, ...] = ()
+    url: str | None = None  # a NAME.url file's URL: what the disk opens
 
 
 class DirectoryScanner:
@@ -96,9 +108,15 @@ class DirectoryScanner:
         root: str,
         containment: chain.Containment,
         protect_backing: bool = True,
+        driver_options: Mapping[str, str] | None = None,
+        extra_images: Mapping[str, str] | None = None,
         keys: KeyRing | None = None,
     ) -> None:
         self.root = os.path.abspath(root)
+        # NAME -> URL or directory given on the command line (--url, --vvfat): NAME.raw
+        self.extra_images = dict(extra_images or {})
+        # -o options: remote images need theirs (ca-file, timeouts) to be probed at all
+        self.driver_options = dict(driver_options or {})
         self.containment = containment
         self.protect_backing = protect_backing
         self.keys = keys
@@ -122,6 +140,7 @@ class DirectoryScanner:
                 claimed.update(examined[1].companions)
                 found.append((name, *examined))
         seen_paths = {self._image_path(name) for name, _, _ in found}
+        seen_paths.update(EXTRA_KEY + name for name in self.extra_images)
         for stale in set(self._cache) - seen_paths:
             del self._cache[stale]
         self._backing_users = {
@@ -135,11 +154,63 @@ class DirectoryScanner:
             if os.path.realpath(self._image_path(name)) in claimed:
                 continue
             entry = self._entry(name, st, probed)
-            if entry is not None:
+            if entry is not None and entry.name in entries:  # disk.qcow2 and disk.qcow2.url
+                self._report_once(name, f"{entry.name} is {entries[entry.name].source_name}")
+            elif entry is not None:
                 entries[entry.name] = entry
                 for snap in self._snapshot_entries(entry, probed):
                     entries.setdefault(snap.name, snap)
+        for name, target in self.extra_images.items():
+            entry = self._extra_entry(name, target)
+            if entry is not None and entry.name in entries:
+                self._report_once(name, f"{entry.name} is {entries[entry.name].source_name}")
+            elif entry is not None:
+                entries[entry.name] = entry
         return entries
+
+    def _extra_entry(self, name: str, target: str) -> ImageEntry | None:
+        """A disk named on the command line: a URL (owner and times from IMAGES_DIR) or a
+        directory exported as vvfat. Probed once per change of what its stat says."""
+        is_url = remote.is_url(target)
+        try:
+            st = os.stat(self.root if is_url else target)
+        except OSError as e:
+            self._report_once(name, f"{target}: {e.strerror}")
+            return None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._cache.get(EXTRA_KEY + name)
+        if cached and cached[0] == key:
+            probed = cached[1]
+        else:
+            probed = self._probe_extra(target, is_url)
+            self._cache[EXTRA_KEY + name] = (key, probed)
+        if probed.error is not None:
+            self._report_once(name, probed.error)
+            return None
+        path = target if is_url else os.path.abspath(target)
+        return ImageEntry(
+            name + EXPORT_SUFFIX, path, probed.format, probed.virtual_size, False, st, name
+        )
+
+    def _probe_extra(self, target: str, is_url: bool) -> _Probed:
+        try:
+            if is_url:
+                top = chain.open_chain(
+                    target,
+                    None,
+                    read_only=True,
+                    containment=self.containment,
+                    driver_options=self.driver_options,
+                    keys=self.keys,
+                )
+            else:  # the user named this directory: no containment for it
+                top = chain.open_chain(target, "vvfat", read_only=True)
+        except ImgfsError as e:
+            return _Probed("?", 0, False, (), str(e))
+        try:
+            return _Probed(top.format_name, top.virtual_size, False, (), None, url=target)
+        finally:
+            chain.close_chain(top)
 
     def _snapshot_entries(self, entry: ImageEntry, probed: _Probed) -> list[ImageEntry]:
         """Read-only exports of the image's internal snapshots."""
@@ -197,7 +268,8 @@ class DirectoryScanner:
             st = os.stat(path)
         except OSError:
             return None  # vanished, a dangling symlink, a bundle without its descriptor
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        is_vvfat = stat.S_ISDIR(st.st_mode) and name.endswith(VVFAT_SUFFIX)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) or is_vvfat):
             return None
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, self._key_stamp(path))
         cached = self._cache.get(path)
@@ -228,6 +300,9 @@ class DirectoryScanner:
         # chmod a-w is how people protect an image.
         writable = probed.supports_write and st.st_mode & 0o222 != 0 and os.access(path, os.W_OK)
         exported = name + EXPORT_SUFFIX
+        if probed.url is not None:
+            path, writable = probed.url, False
+            exported = name.removesuffix(URL_SUFFIX) + EXPORT_SUFFIX
         reason = None
         user = self._backing_users.get(os.path.realpath(path))
         if writable and self.protect_backing and user is not None:
@@ -253,6 +328,10 @@ class DirectoryScanner:
             return _Probed("?", 0, False, (), f"unexpected error: {e!r}")
 
     def _probe(self, path: str, name: str, st: os.stat_result) -> _Probed:
+        if name.endswith(URL_SUFFIX):
+            return self._probe_url(path)
+        if name.endswith(VVFAT_SUFFIX) and stat.S_ISDIR(st.st_mode):
+            return self._probe_vvfat(path)
         try:
             self.containment.check(path, "image", self.root)
             driver_cls = registry.probe_file(path)
@@ -279,10 +358,64 @@ class DirectoryScanner:
         except ImgfsError as e:
             return _Probed(fmt, 0, False, companions, str(e))
         try:
-            backing = tuple(os.path.realpath(n.file.path) for n in list(chain.layers(top))[1:])
+            backing = tuple(
+                os.path.realpath(n.file.path)
+                for n in list(chain.layers(top))[1:]
+                if not remote.is_url(n.file.path)
+            )
             return _Probed(
                 fmt, top.virtual_size, driver_cls.supports_write, companions, None, backing,
                 tuple(top.snapshots()),
             )  # fmt: skip
         finally:
             chain.close_chain(top)
+
+    def _probe_vvfat(self, path: str) -> _Probed:
+        """A ``NAME.vvfat`` directory: its FAT32 layout (the tree is walked once per change of
+        the directory's own mtime; the disk itself scans again when it opens)."""
+        try:
+            self.containment.check(path, "image", self.root)
+            top = chain.open_chain(path, "vvfat", read_only=True, containment=self.containment)
+        except ImgfsError as e:
+            return _Probed("?", 0, False, (), str(e))
+        try:
+            return _Probed(top.format_name, top.virtual_size, False, (), None)
+        finally:
+            chain.close_chain(top)
+
+    def _probe_url(self, path: str) -> _Probed:
+        """A ``NAME.url`` file: open the remote image it names (and its chain) once."""
+        try:
+            url = read_url_file(path)
+            top = chain.open_chain(
+                url,
+                None,
+                read_only=True,
+                cache=CacheMode.WRITEBACK,
+                containment=self.containment,
+                driver_options=self.driver_options,
+                keys=self.keys,
+            )
+        except ImgfsError as e:
+            return _Probed("?", 0, False, (), str(e))
+        try:
+            return _Probed(top.format_name, top.virtual_size, False, (), None, url=url)
+        finally:
+            chain.close_chain(top)
+
+
+def read_url_file(path: str) -> str:
+    """The URL a ``NAME.url`` file holds: its first line that is not blank or a # comment."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_URL_FILE).decode("utf-8", "replace")
+    except OSError as e:
+        raise ImgfsError(f"cannot read: {e.strerror}") from None
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            if not remote.is_url(line):
+                schemes = ", ".join(sorted(remote.SCHEMES))
+                raise ImgfsError(f"{line!r} is not a URL of a known scheme ({schemes})")
+            return line
+    raise ImgfsError("holds no URL")
