@@ -194,8 +194,10 @@ def _open_one(
     probe_is_raw = None
     is_url = remote.is_url(path)
     # A URL is opened first (one connection, the first block cached) and probed through it.
+    # Asked for writing when the chain is (an NBD export may be written; HTTP never is): the
+    # remote file's own ``writable`` then says whether the server allows it.
     url_file = (
-        remote.open_url(path, writable=False, cache=cache, options=driver_options)
+        remote.open_url(path, writable=writable, cache=cache, options=driver_options)
         if is_url
         else None
     )
@@ -228,7 +230,9 @@ def _open_one(
         def probe_is_raw(head: bytes, tail: bytes) -> bool:
             return registry.still_probes_raw(probe_input.filename, probe_input.size, head, tail)
 
-    if (writable and not driver_cls.supports_write) or url_file is not None:
+    if (writable and not driver_cls.supports_write) or (
+        url_file is not None and not url_file.writable
+    ):
         writable = False
     if directory_file is not None:
         writable = False
@@ -239,7 +243,9 @@ def _open_one(
             url = urljoin(path, name)
             if not remote.is_url(url) or not remote.same_origin(url, path):
                 raise NotPermitted(f"{path}: file {name!r} is not on the same server")
-            return remote.open_url(url, writable=False, cache=cache, options=driver_options)
+            return remote.open_url(
+                url, writable=want_write and writable, cache=cache, options=driver_options
+            )
         companion = resolve_relative(name, path)
         containment.check(companion, "file", path)
         return open_host_file(companion, writable=want_write and writable, cache=cache)

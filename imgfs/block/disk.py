@@ -43,6 +43,10 @@ class Disk:
         self.reads_may_block = cache.direct or not all(n.cheap_reads for n in chain.layers(top))
         # Writes go to a worker thread with O_DIRECT, or with writethrough (each write syncs).
         self.writes_may_block = cache.direct or cache.writethrough
+        # A layer on a network file (NBD) waits for the network on every write; its reads
+        # raise WouldBlock on the event loop instead, so they need no flag here.
+        if any(getattr(getattr(n, "file", None), "remote", False) for n in chain.layers(top)):
+            self.writes_may_block = True
         # QEMU's detect-zeroes and discard options (imgfs.block.holes); set by the opener.
         self.detect_zeroes = DetectZeroes.OFF
         self.discard_mode = DiscardMode.UNMAP

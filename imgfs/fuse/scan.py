@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from imgfs import remote
 from imgfs.block import chain, registry
-from imgfs.block.driver import SnapshotInfo
+from imgfs.block.driver import BlockDriver, SnapshotInfo
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import ImgfsError
 from imgfs.keys import KeyRing
@@ -208,7 +208,8 @@ class DirectoryScanner:
         except ImgfsError as e:
             return _Probed("?", 0, False, (), str(e))
         try:
-            return _Probed(top.format_name, top.virtual_size, False, (), None, url=target)
+            writable = is_url and _remote_writable(top)
+            return _Probed(top.format_name, top.virtual_size, writable, (), None, url=target)
         finally:
             chain.close_chain(top)
 
@@ -300,8 +301,8 @@ class DirectoryScanner:
         # chmod a-w is how people protect an image.
         writable = probed.supports_write and st.st_mode & 0o222 != 0 and os.access(path, os.W_OK)
         exported = name + EXPORT_SUFFIX
-        if probed.url is not None:
-            path, writable = probed.url, False
+        if probed.url is not None:  # writable when the .url file is and the server allows it
+            path = probed.url
             exported = name.removesuffix(URL_SUFFIX) + EXPORT_SUFFIX
         reason = None
         user = self._backing_users.get(os.path.realpath(path))
@@ -399,9 +400,17 @@ class DirectoryScanner:
         except ImgfsError as e:
             return _Probed("?", 0, False, (), str(e))
         try:
-            return _Probed(top.format_name, top.virtual_size, False, (), None, url=url)
+            return _Probed(
+                top.format_name, top.virtual_size, _remote_writable(top), (), None, url=url
+            )
         finally:
             chain.close_chain(top)
+
+
+def _remote_writable(top: BlockDriver) -> bool:
+    """A remote image can be exported writable: its driver writes and its server (an NBD
+    export not marked read-only) accepts writes. HTTP never does."""
+    return type(top).supports_write and getattr(top.file, "server_allows_write", False)
 
 
 def read_url_file(path: str) -> str:

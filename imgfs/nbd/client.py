@@ -637,7 +637,9 @@ class NBDFile:
         info = self._conn.info
         self.info = info
         self._size = info.size
-        self.writable = writable and not info.flags & P.FLAG_READ_ONLY
+        #: The server lets clients write this export (whether or not this one asked to).
+        self.server_allows_write = not info.flags & P.FLAG_READ_ONLY
+        self.writable = writable and self.server_allows_write
         if writable and not self.writable:
             log.info("%s: the server exports it read-only", url)
         self.alignment = info.min_block

@@ -168,6 +168,7 @@ class HttpFile:
     """A read-only HostFile stand-in for one object on an HTTP(S) server."""
 
     writable = False
+    server_allows_write = False
     direct = False
     no_flush = True
     is_block_device = False
