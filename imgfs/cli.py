@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--url",
         action="append",
         metavar="NAME=URL",
-        help="also export the image at URL (http, https, ...) as NAME.raw, read-only",
+        help="also export the image at URL (http, https, nbd, nbd+unix, ...) as NAME.raw",
     )
     p.add_argument(
         "--vvfat",
