@@ -28,7 +28,8 @@ from tests.oracle import (
     qemu_img,
     qemu_raw,
 )
-from tests.remote.httpserver import Nginx, file_handler, make_ca_and_cert, serve_in_thread
+from tests.remote.httpserver import Nginx, file_handler, serve_in_thread
+from tests.remote.tls import make_ca_and_cert
 
 MiB = 1024 * 1024
 
