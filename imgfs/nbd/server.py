@@ -46,6 +46,7 @@ from imgfs.block import chain
 from imgfs.block.disk import Disk, open_disk
 from imgfs.block.driver import BlockDriver
 from imgfs.block.extent import Allocation
+from imgfs.block.holes import DetectZeroes
 from imgfs.block.hostfile import CacheMode, WouldBlock, call_nowait
 from imgfs.errors import ImgfsError, UsageError
 from imgfs.fuse.scan import EXPORT_SUFFIX, DirectoryScanner, ImageEntry
@@ -257,6 +258,8 @@ class NBDServer:
                             keys=self.options.keys,
                         )
                     )
+                # The same zero detection as the mount's (imgfs.block.holes, in Disk.write).
+                disk.detect_zeroes = DetectZeroes(self.options.detect_zeroes)
                 remote = _remote(disk.top)
                 export = OpenExport(
                     name,
@@ -738,10 +741,7 @@ class _Connection:
                 )
                 await self.send_chunk(request.handle, P.REPLY_TYPE_BLOCK_STATUS, body, done=True)
                 return True
-            if cmd == P.CMD_WRITE and self._all_zero(request.payload):
-                unmap = self.server.options.detect_zeroes == "unmap"
-                await self.server.in_thread(disk.write_zeroes, offset, length, unmap)
-            elif cmd == P.CMD_WRITE:
+            if cmd == P.CMD_WRITE:
                 assert request.payload is not None
                 # Inline only for write-back images, and not in non-blocking mode: a write is
                 # not retried half-way (the FUSE layer runs these inline too).
@@ -774,13 +774,6 @@ class _Connection:
             log.exception("%s: unexpected error in %s", export.name, P.CMD_NAMES.get(cmd, cmd))
             await self.send_error(request, P.NBD_EIO, "internal error")
         return True
-
-    def _all_zero(self, payload: bytearray | None) -> bool:
-        """With --detect-zeroes, whether a write's payload is all zeros (count() of one byte
-        value runs at memory speed)."""
-        if self.server.options.detect_zeroes == "off" or not payload:
-            return False
-        return payload[0] == 0 and payload.count(0) == len(payload)
 
     async def call(self, inline: bool, fn: Callable[..., T], *args: Any) -> T | None:
         """``fn(*args)`` inline in non-blocking mode (None when it would block), or on a
