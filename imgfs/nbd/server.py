@@ -192,6 +192,7 @@ class NBDServer:
             self.containment,
             protect_backing=not options.writable_backing,
             keys=options.keys,
+            driver_options=options.driver_options,  # e.g. ca-file= for the images of .url files
         )
         self.limiter = trio.CapacityLimiter(max(1, options.aio_threads))
         self.entries: dict[str, ImageEntry] = {}
