@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from imgfs import __version__
+from imgfs.block.chain import image_containment
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import CheckResult, ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
@@ -199,7 +200,13 @@ def _print_info(info: ImageInfo) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    disk = open_disk(args.image, args.format, read_only=True)
+    disk = open_disk(
+        args.image,
+        args.format,
+        read_only=True,
+        containment=image_containment(args.image, args.allow_external_files),
+        force_share=args.force_share,
+    )
     try:
         infos = disk.info()
     finally:
@@ -219,7 +226,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     repair = RepairMode(args.repair) if args.repair else RepairMode.NONE
-    disk = open_disk(args.image, args.format, read_only=repair is RepairMode.NONE)
+    if args.force_share and repair is not RepairMode.NONE:
+        raise UsageError("-U (--force-share) cannot be used with -r: a repair writes the image")
+    disk = open_disk(
+        args.image,
+        args.format,
+        read_only=repair is RepairMode.NONE,
+        containment=image_containment(args.image, args.allow_external_files),
+        force_share=args.force_share,
+    )
     try:
         try:
             result = disk.check(repair)
@@ -314,6 +329,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             options=parse_options(args.o),
             compress=args.compress,
             progress=bar,
+            containment=image_containment(args.source, args.allow_external_files),
+            force_share=args.force_share,
         )
     finally:
         if bar is not None:
@@ -416,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--format", help="image format (default: probe)")
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.add_argument("--backing-chain", action="store_true", help="describe every layer")
+    add_sharing_options(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("check", help="check an image's metadata (like qemu-img check)")
@@ -423,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--format", help="image format (default: probe)")
     p.add_argument("-r", "--repair", choices=["leaks", "all"])
     p.add_argument("--output", choices=["human", "json"], default="human")
+    add_sharing_options(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("create", help="create a new image (like qemu-img create)")
@@ -445,10 +464,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")
     p.add_argument("source", metavar="SRC")
     p.add_argument("destination", metavar="DST")
+    add_sharing_options(p)
     p.set_defaults(func=cmd_convert)
 
     add_emulation_subcommands(sub)  # replay, trace import
     return parser
+
+
+def add_sharing_options(p: argparse.ArgumentParser) -> None:
+    """-U and --allow-external-files for the commands that read one image."""
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="open the image even if another process (a VM) has it open for "
+                   "writing, as qemu-img -U does; what it reads may be inconsistent")  # fmt: skip
+    p.add_argument("--allow-external-files", action="store_true",
+                   help="let the image use backing files, extents and data files outside its "
+                   "own directory")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from imgfs.block.chain import Containment
 from imgfs.block.disk import Disk, open_disk
 from imgfs.block.extent import Allocation
 from imgfs.create import create_image
@@ -32,6 +33,8 @@ def convert(
     options: dict[str, str],
     compress: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    containment: Containment | None = None,
+    force_share: bool = False,
 ) -> None:
     """Convert ``src`` into a new image ``dst``. ``progress(n, total)`` is told of every ``n``
     bytes of the ``total``-byte disk done (copied or skipped)."""
@@ -39,7 +42,9 @@ def convert(
         raise InvalidRequest("convert does not take -o backing_file (the copy is complete)")
     if os.path.exists(dst) and os.path.samefile(src, dst):
         raise InvalidRequest(f"{dst} is the source image itself")
-    source = open_disk(src, src_fmt, read_only=True)
+    source = open_disk(
+        src, src_fmt, read_only=True, containment=containment, force_share=force_share
+    )
     try:
         create_image(dst, dst_fmt, source.size, options)
         try:

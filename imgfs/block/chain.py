@@ -50,6 +50,15 @@ class Containment:
         return real
 
 
+def image_containment(image: str, allow_external_files: bool) -> Containment:
+    """The containment of a command that takes one image path (info, check, convert): its
+    backing files, extents and data files must lie in the image's own directory (or below), as
+    a mount's must lie in IMAGES_DIR, unless external files are allowed."""
+    if allow_external_files:
+        return Containment()
+    return Containment(os.path.dirname(os.path.abspath(image)))
+
+
 def resolve_relative(name: str, referrer: str) -> str:
     """A file name stored in an image, made absolute against the referring image's directory."""
     if os.path.isabs(name):
@@ -57,8 +66,18 @@ def resolve_relative(name: str, referrer: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(referrer)), name)
 
 
-def open_host_file(path: str, *, writable: bool, cache: CacheMode) -> HostFile:
-    return HostFile(path, writable=writable, direct=cache.direct, no_flush=cache.no_flush)
+def open_host_file(
+    path: str, *, writable: bool, cache: CacheMode, lock: bool = True, force_share: bool = False
+) -> HostFile:
+    """``lock``/``force_share``: QEMU-compatible image locks (see imgfs.block.locking)."""
+    return HostFile(
+        path,
+        writable=writable,
+        direct=cache.direct,
+        no_flush=cache.no_flush,
+        lock=lock,
+        force_share=force_share,
+    )
 
 
 def open_chain(
@@ -69,10 +88,13 @@ def open_chain(
     cache: CacheMode = CacheMode.WRITEBACK,
     containment: Containment | None = None,
     driver_options: Mapping[str, str] | None = None,
+    locking: bool = True,
+    force_share: bool = False,
 ) -> BlockDriver:
     """Open ``path`` (format ``fmt``, or probed) and its whole backing chain.
 
-    Returns the top driver; its ``backing`` attribute links down the chain.
+    Returns the top driver; its ``backing`` attribute links down the chain. Every host file
+    takes QEMU's image locks unless ``locking`` is off (``force_share``: qemu-img's -U).
     """
     containment = containment or Containment()
     seen: set[str] = set()
@@ -86,7 +108,13 @@ def open_chain(
                 raise CorruptImage(f"{path}: backing chain loops back to {current_path}")
             seen.add(real)
             driver = _open_one(
-                current_path, current_fmt, writable, cache, containment, driver_options or {}
+                current_path,
+                current_fmt,
+                writable,
+                cache,
+                containment,
+                driver_options or {},
+                (locking, force_share),
             )
             if parent is None:
                 top = driver
@@ -138,6 +166,7 @@ def _open_one(
     cache: CacheMode,
     containment: Containment,
     driver_options: Mapping[str, str],
+    lock: tuple[bool, bool] = (True, False),
 ) -> BlockDriver:
     probed = fmt is None
     probe_is_raw = None
@@ -152,12 +181,21 @@ def _open_one(
         driver_cls = registry.get_driver(fmt)
     if writable and not driver_cls.supports_write:
         writable = False
-    file = open_host_file(path, writable=writable, cache=cache)
+    locking, force_share = lock
+    file = open_host_file(
+        path, writable=writable, cache=cache, lock=locking, force_share=force_share
+    )
 
     def open_companion(name: str, want_write: bool) -> HostFile:
         companion = resolve_relative(name, path)
         containment.check(companion, "file", path)
-        return open_host_file(companion, writable=want_write and writable, cache=cache)
+        return open_host_file(
+            companion,
+            writable=want_write and writable,
+            cache=cache,
+            lock=locking,
+            force_share=force_share,
+        )
 
     options = OpenOptions(
         read_only=not writable,

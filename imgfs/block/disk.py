@@ -171,8 +171,11 @@ def open_disk(
     cache: CacheMode = CacheMode.WRITEBACK,
     containment: chain.Containment | None = None,
     driver_options: Mapping[str, str] | None = None,
+    locking: bool = True,
+    force_share: bool = False,
 ) -> Disk:
-    """Open an image and its backing chain as a Disk."""
+    """Open an image and its backing chain as a Disk, with QEMU's image locks on every host
+    file unless ``locking`` is off; ``force_share`` is qemu-img's -U (read-only opens)."""
     top = chain.open_chain(
         path,
         fmt,
@@ -180,5 +183,7 @@ def open_disk(
         cache=cache,
         containment=containment,
         driver_options=driver_options,
+        locking=locking,
+        force_share=force_share,
     )
     return Disk(top, cache, os.path.basename(path))

@@ -18,7 +18,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from imgfs.block import chain, registry
+from imgfs.block import chain, locking, registry
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import ImgfsError
 
@@ -167,6 +167,14 @@ class DirectoryScanner:
         writable = probed.supports_write and st.st_mode & 0o222 != 0 and os.access(path, os.W_OK)
         exported = name + EXPORT_SUFFIX
         reason = None
+        refused, shared_only = self._lock_state(path, probed, writable)
+        if refused is not None:
+            self._report_once(name, refused)
+            return None
+        if shared_only is not None:
+            writable = False
+            reason = shared_only
+            self._report_once(name, f"exported read-only: {reason}", level=logging.INFO)
         user = self._backing_users.get(os.path.realpath(path))
         if writable and self.protect_backing and user is not None:
             writable = False
@@ -175,6 +183,24 @@ class DirectoryScanner:
         return ImageEntry(
             exported, path, probed.format, probed.virtual_size, writable, st, name, reason
         )
+
+    def _lock_state(
+        self, path: str, probed: _Probed, writable: bool
+    ) -> tuple[str | None, str | None]:
+        """QEMU-style image locks of other processes (see imgfs.block.locking), tested now and
+        never cached: (why the image cannot be opened at all, e.g. a VM has it open for
+        writing; or why it can only be read, e.g. a qemu-io -r reads it)."""
+        files = [path, *probed.companions]
+        for file in (*files, *probed.backing_files):
+            problem = locking.test(file, writable=False)
+            if problem is not None:
+                return f"{file}: {problem}: another process has it open for writing", None
+        if writable:
+            for file in files:
+                problem = locking.test(file, writable=True)
+                if problem is not None:
+                    return None, f"another process uses {file} without sharing writes ({problem})"
+        return None, None
 
     def _report_once(self, name: str, message: str, level: int = logging.ERROR) -> None:
         if (name, message) not in self._reported:
@@ -206,8 +232,15 @@ class DirectoryScanner:
         if fmt == "raw":
             return _Probed(fmt, st.st_size, True, companions, None)
         try:
+            # No image locks for a probe: they would conflict with this process's own opens of
+            # the image; other programs' locks are tested on every scan (_lock_state).
             top = chain.open_chain(
-                path, fmt, read_only=True, cache=CacheMode.WRITEBACK, containment=self.containment
+                path,
+                fmt,
+                read_only=True,
+                cache=CacheMode.WRITEBACK,
+                containment=self.containment,
+                locking=False,
             )
         except ImgfsError as e:
             return _Probed(fmt, 0, False, companions, str(e))
