@@ -43,8 +43,10 @@ class Containment:
             return real
         root = os.path.realpath(self.root)
         if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            # A symlink (or ..) that leads out: name both ends.
+            shown = repr(path) if os.path.abspath(path) == real else f"{path!r} (-> {real})"
             raise NotPermitted(
-                f"{referrer}: {what} {path!r} is outside the images directory {root}; "
+                f"{referrer}: {what} {shown} is outside the images directory {root}; "
                 "use --allow-external-files to allow it"
             )
         return real
