@@ -43,7 +43,7 @@ CORPUS_FORMATS = {
     "vhdx": "vhdx", "vmdk": "vmdk", "vpc": "vpc", "asif": "asif",
 }  # fmt: skip
 # Copying a seed per mutant must stay cheap.
-MAX_CORPUS_SEED = 24 * 1024 * 1024
+MAX_CORPUS_SEED = 12 * 1024 * 1024
 OPENERS = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}
 
 
@@ -65,7 +65,8 @@ def copy_decompressed(src: Path, compression: str, dest: Path) -> None:
 
 def corpus_bases(corpus: Path, root: Path) -> dict[str, list[Base]]:
     """One base per corpus image of a format imgfs reads (malformed ones included)."""
-    rows = list(csv.DictReader(open(corpus / "MANIFEST.tsv"), delimiter="\t"))
+    with open(corpus / "MANIFEST.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
     by_dir: dict[str, list[dict]] = {}
     for row in rows:
         by_dir.setdefault(str(Path(row["path"]).parent), []).append(row)
@@ -75,8 +76,10 @@ def corpus_bases(corpus: Path, root: Path) -> dict[str, list[Base]]:
         if fmt is None or "encrypt" in row["path"]:
             continue
         parts = Path(row["path"]).parts
-        # A directory of its own (vmdk-rs/monolithicFlat/, split.hdd/): bring the siblings.
-        group = by_dir[str(Path(row["path"]).parent)] if len(parts) >= 4 else [row]
+        # An image that names others (a descriptor, an overlay) in a directory of its own
+        # (vmdk-rs/monolithicFlat/, split.hdd/, backing-chain/): bring the siblings.
+        names_others = fmt in ("vmdk", "parallels-hdd", "qcow2", "vpc", "vhdx")
+        group = by_dir[str(Path(row["path"]).parent)] if names_others and len(parts) >= 4 else [row]
         d = root / f"corpus-{index}-{fmt}"
         d.mkdir(parents=True)
         try:
