@@ -51,6 +51,15 @@ def public_mountpoint() -> Iterator[Path]:
     shutil.rmtree(parent, ignore_errors=True)
 
 
+def mount_options(point: Path) -> list[str]:
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == str(point):
+                return fields[3].split(",")
+    raise AssertionError(f"{point} is not mounted")
+
+
 def make(images: Path, name: str, mode: int, uid: int = 0, gid: int = 0) -> Path:
     path = images / name
     pattern_image(path, MiB)
@@ -68,6 +77,8 @@ def test_allow_other_follows_owner_group_and_mode(images: Path, mount, public_mo
     make(images, "group.img", 0o640, 0, NOBODY)
     make(images, "readonly.img", 0o444, NOBODY, NOBODY)
     m = mount(images, "--allow-other", at=public_mountpoint)
+    options = mount_options(m.path)
+    assert "default_permissions" in options and "allow_other" in options, options
     for name, mode, uid, gid in (("public.img", 0o644, 0, 0), ("private.img", 0o600, 0, 0),
                                  ("owned.img", 0o600, NOBODY, NOBODY),
                                  ("group.img", 0o640, 0, NOBODY),
