@@ -142,6 +142,8 @@ def test_qemu_is_refused_an_image_imgfs_writes(tmp_path: Path) -> None:
         assert r.returncode != 0 and SHARED_WRITE_LOCKED in r.stderr, r.stderr
         r = qemu_img("check", str(image))
         assert r.returncode != 0 and SHARED_WRITE_LOCKED in r.stderr, r.stderr
+        r = qemu_img("resize", str(image), "16M")
+        assert r.returncode != 0 and WRITE_LOCKED in r.stderr, r.stderr
         # -U reads it anyway, as against a running VM.
         assert qemu_img("info", "-U", str(image)).returncode == 0
         assert qemu_io("-U", "-r", "-f", "qcow2", "-c", "read 0 512", str(image)).returncode == 0
