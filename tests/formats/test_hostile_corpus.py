@@ -19,7 +19,7 @@ import pytest
 
 from imgfs.block.chain import Containment
 from imgfs.block.disk import open_disk
-from imgfs.errors import ImgfsError
+from imgfs.errors import CorruptImage, ImgfsError
 from tests.conftest import SHARED
 from tests.formats import hostile
 from tests.formats.fuzz_campaign import CORPUS_FORMATS, copy_decompressed, unpacked_name
@@ -168,3 +168,33 @@ def test_mount_of_malformed_and_good_images(images: Path, mount) -> None:
         assert len(lines) == 1 and "not exported" in lines[0], lines
     m.umount()
     assert good.read_bytes()[:11] == b"still works"
+
+
+# -- regressions as code ------------------------------------------------------------------------
+
+
+def test_block_status_run_stops_before_a_bad_table_entry(tmp_path: Path) -> None:
+    """A bad BAT entry far into an unallocated run ends the run instead of failing the whole
+    call: a walk that steps past errors (SEEK_DATA, a map) no longer rescans the same entries
+    on every call (the fuzz campaign's parallels seeds 3000077/3000106/3000128 took 5-14 s)."""
+    import subprocess
+
+    image = tmp_path / "disk.parallels"
+    # 4 KiB clusters: the BAT fills 64 KiB, so BAT entry values below 17 point into it.
+    subprocess.run(["qemu-img", "create", "-q", "-f", "parallels", "-o", "cluster_size=4k",
+                    str(image), "64M"], check=True)  # fmt: skip
+    subprocess.run(["qemu-io", "-f", "parallels", "-c", "write -P 7 0 4k", str(image)],
+                   check=True, capture_output=True)  # fmt: skip
+    data = bytearray(image.read_bytes())
+    data[64 + 4 * 2560 : 64 + 4 * 2561] = (1).to_bytes(4, "little")  # block 2560 (10 MiB)
+    image.write_bytes(data)
+    disk = open_disk(str(image), "parallels", read_only=True)
+    try:
+        ext = disk.block_status(MiB, disk.size - MiB)
+        assert (ext.offset, ext.length) == (MiB, 9 * MiB), ext
+        with pytest.raises(CorruptImage, match="entry 1 points before the data area"):
+            disk.block_status(10 * MiB, MiB)
+        ext = disk.block_status(10 * MiB + 4096, MiB)  # and after it, the walk goes on
+        assert (ext.offset, ext.length) == (10 * MiB + 4096, MiB), ext
+    finally:
+        disk.close()
