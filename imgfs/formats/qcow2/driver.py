@@ -732,6 +732,14 @@ class Qcow2Driver(BlockDriver):
                 self._grow_reftable(t + 1)
                 continue
             if not self.reftable[t] & L.REFT_OFFSET_MASK:
+                if t == 0:
+                    # The header's range always has a block (cluster 0 is in use): without one
+                    # the new block would land on the header, and its offset 0 would read as
+                    # "no block" again, for ever.
+                    raise CorruptImage(
+                        f"{self.file.path}: qcow2 refcount table entry 0 is empty, but the "
+                        "header's clusters must be counted"
+                    )
                 # A range with no refcount block is all free: its first cluster holds the new
                 # block, which then describes itself.
                 self._new_refblock(t)
