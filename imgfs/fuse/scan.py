@@ -89,6 +89,7 @@ class DirectoryScanner:
         self.protect_backing = protect_backing
         self._cache: dict[str, tuple[tuple[int, int, int, int], _Probed]] = {}
         self._reported: set[tuple[str, str]] = set()
+        self._lock_reported: dict[str, str] = {}  # image -> the lock conflict last logged
         # real path of a backing image -> the exported disk that uses it (from the last scan)
         self._backing_users: dict[str, str] = {}
 
@@ -168,13 +169,23 @@ class DirectoryScanner:
         exported = name + EXPORT_SUFFIX
         reason = None
         refused, shared_only = self._lock_state(path, probed, writable)
+        # Logged when it changes, so a VM that takes the image again is reported again.
+        lock_message = refused or shared_only
+        if self._lock_reported.get(name) != lock_message:
+            if lock_message is None:
+                del self._lock_reported[name]
+                log.info("%s: no longer locked by another process", name)
+            else:
+                self._lock_reported[name] = lock_message
+                if refused is not None:
+                    log.error("%s: not exported: %s", name, refused)
+                else:
+                    log.info("%s: exported read-only: %s", name, shared_only)
         if refused is not None:
-            self._report_once(name, refused)
             return None
         if shared_only is not None:
             writable = False
             reason = shared_only
-            self._report_once(name, f"exported read-only: {reason}", level=logging.INFO)
         user = self._backing_users.get(os.path.realpath(path))
         if writable and self.protect_backing and user is not None:
             writable = False

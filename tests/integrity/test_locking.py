@@ -272,8 +272,20 @@ def test_mount_leaves_out_an_image_qemu_writes(images: Path, mount, qemu_io_hold
         f.write(b"mine now")
     with open(m.file("read.qcow2"), "r+b") as f:
         f.write(b"mine too")
+    deadline = time.monotonic() + 5
+    while lock_bytes(busy):  # the release follows close(2)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     r2 = qemu_io("-f", "qcow2", "-c", "write 0 512", str(busy))
     assert r2.returncode == 0, r2.stderr
+    # Taken again: left out again, and said again in the log.
+    qemu_io_holding("-f", "qcow2", str(busy))
+    deadline = time.monotonic() + 5
+    while "busy.qcow2.raw" in os.listdir(m.path):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    lines = [line for line in m.log_text().splitlines() if "busy.qcow2: not exported" in line]
+    assert len(lines) == 2, lines
 
 
 def test_export_open_while_qemu_took_the_image_fails_busy(images: Path, mount, qemu_io_holding):
