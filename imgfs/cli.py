@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from imgfs import __version__, cmd_map
 from imgfs.block import chain, holes
+from imgfs.block.chain import image_containment
 from imgfs.block.disk import open_disk
 from imgfs.block.driver import CheckResult, ImageInfo, RepairMode
 from imgfs.block.hostfile import CacheMode
@@ -246,7 +247,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     from imgfs import info_alloc
 
     try:
-        disk = open_disk(args.image, args.format, read_only=True, keys=image_keys(args))
+        disk = open_disk(
+            args.image,
+            args.format,
+            read_only=True,
+            keys=image_keys(args),
+            containment=image_containment(args.image, args.allow_external_files),
+            force_share=args.force_share,
+        )
     except NeedsKey as e:
         return print_locked_info(args, e)
     try:
@@ -283,8 +291,15 @@ def _print_allocation(a: Any) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     repair = RepairMode(args.repair) if args.repair else RepairMode.NONE
+    if args.force_share and repair is not RepairMode.NONE:
+        raise UsageError("-U (--force-share) cannot be used with -r: a repair writes the image")
     disk = open_disk(
-        args.image, args.format, read_only=repair is RepairMode.NONE, keys=image_keys(args)
+        args.image,
+        args.format,
+        read_only=repair is RepairMode.NONE,
+        keys=image_keys(args),
+        containment=image_containment(args.image, args.allow_external_files),
+        force_share=args.force_share,
     )
     try:
         try:
@@ -386,6 +401,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             compress=args.compress,
             progress=bar,
             keys=KeyRing.from_args(args.key or [], args.key_dir),
+            containment=image_containment(args.source, args.allow_external_files),
+            force_share=args.force_share,
         )
     finally:
         if bar is not None:
@@ -520,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", choices=["human", "json"], default="human")
     p.add_argument("--backing-chain", action="store_true", help="describe every layer")
     add_image_key_option(p)
+    add_sharing_options(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("check", help="check an image's metadata (like qemu-img check)")
@@ -528,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--repair", choices=["leaks", "all"])
     p.add_argument("--output", choices=["human", "json"], default="human")
     add_image_key_option(p)
+    add_sharing_options(p)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("create", help="create a new image (like qemu-img create)")
@@ -552,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="SRC")
     p.add_argument("destination", metavar="DST")
     add_key_options(p, target=True)
+    add_sharing_options(p)
     p.set_defaults(func=cmd_convert)
 
     add_snapshot_parser(sub)
@@ -560,6 +580,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_map.add_parser(sub)
     cmd_dedup.add_parser(sub)
     return parser
+
+
+def add_sharing_options(p: argparse.ArgumentParser) -> None:
+    """-U and --allow-external-files for the commands that read one image."""
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="open the image even if another process (a VM) has it open for "
+                   "writing, as qemu-img -U does; what it reads may be inconsistent")  # fmt: skip
+    p.add_argument("--allow-external-files", action="store_true",
+                   help="let the image use backing files, extents and data files outside its "
+                   "own directory")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from imgfs.block.chain import Containment
 from imgfs.block.disk import Disk, open_disk
 from imgfs.block.extent import Allocation
 from imgfs.create import create_image
@@ -34,6 +35,8 @@ def convert(
     compress: bool = False,
     progress: Callable[[int, int], None] | None = None,
     keys: KeyRing | None = None,
+    containment: Containment | None = None,
+    force_share: bool = False,
 ) -> None:
     """Convert ``src`` into a new image ``dst``. ``progress(n, total)`` is told of every ``n``
     bytes of the ``total``-byte disk done (copied or skipped)."""
@@ -42,7 +45,14 @@ def convert(
     # src may be a URL (no local file to compare)
     if os.path.exists(dst) and os.path.exists(src) and os.path.samefile(src, dst):
         raise InvalidRequest(f"{dst} is the source image itself")
-    source = open_disk(src, src_fmt, read_only=True, keys=keys)
+    source = open_disk(
+        src,
+        src_fmt,
+        read_only=True,
+        keys=keys,
+        containment=containment,
+        force_share=force_share,
+    )
     try:
         create_image(dst, dst_fmt, source.size, options)
         try:

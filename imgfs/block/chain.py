@@ -52,11 +52,22 @@ class Containment:
             return real
         root = os.path.realpath(self.root)
         if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+            # A symlink (or ..) that leads out: name both ends.
+            shown = repr(path) if os.path.abspath(path) == real else f"{path!r} (-> {real})"
             raise NotPermitted(
-                f"{referrer}: {what} {path!r} is outside the images directory {root}; "
+                f"{referrer}: {what} {shown} is outside the images directory {root}; "
                 "use --allow-external-files to allow it"
             )
         return real
+
+
+def image_containment(image: str, allow_external_files: bool) -> Containment:
+    """The containment of a command that takes one image path (info, check, convert): its
+    backing files, extents and data files must lie in the image's own directory (or below), as
+    a mount's must lie in IMAGES_DIR, unless external files are allowed."""
+    if allow_external_files or remote.is_url(image):  # a URL image: same-server rules apply
+        return Containment()
+    return Containment(os.path.dirname(os.path.abspath(image)))
 
 
 def resolve_relative(name: str, referrer: str) -> str:
@@ -99,8 +110,18 @@ def resolve_backing(name: str, referrer: str, containment: Containment) -> str:
     return path
 
 
-def open_host_file(path: str, *, writable: bool, cache: CacheMode) -> HostFile:
-    return HostFile(path, writable=writable, direct=cache.direct, no_flush=cache.no_flush)
+def open_host_file(
+    path: str, *, writable: bool, cache: CacheMode, lock: bool = True, force_share: bool = False
+) -> HostFile:
+    """``lock``/``force_share``: QEMU-compatible image locks (see imgfs.block.locking)."""
+    return HostFile(
+        path,
+        writable=writable,
+        direct=cache.direct,
+        no_flush=cache.no_flush,
+        lock=lock,
+        force_share=force_share,
+    )
 
 
 def open_chain(
@@ -113,12 +134,15 @@ def open_chain(
     driver_options: Mapping[str, str] | None = None,
     snapshot: str | None = None,
     keys: KeyRing | None = None,
+    locking: bool = True,
+    force_share: bool = False,
 ) -> BlockDriver:
     """Open ``path`` (format ``fmt``, or probed) and its whole backing chain; ``snapshot``
     (an id or name) opens that internal snapshot of the top image instead, read-only.
 
     Returns the top driver; its ``backing`` attribute links down the chain. ``keys`` gives each
-    layer the passphrase of its own file (a backing image may have its own key).
+    layer the passphrase of its own file (a backing image may have its own key). Every host
+    file takes QEMU's image locks unless ``locking`` is off (``force_share``: qemu-img's -U).
     """
     if snapshot is not None:
         read_only = True
@@ -134,10 +158,16 @@ def open_chain(
                 raise CorruptImage(f"{path}: backing chain loops back to {current_path}")
             seen.add(real)
             driver = _open_one(
-                current_path, current_fmt, writable, cache, containment, driver_options or {},
-                snapshot if parent is None else None,
-                keys,
-            )  # fmt: skip
+                current_path,
+                current_fmt,
+                writable,
+                cache,
+                containment,
+                driver_options or {},
+                snapshot=snapshot if parent is None else None,
+                keys=keys,
+                lock=(locking, force_share),
+            )
             if parent is None:
                 top = driver
                 if snapshot is not None and not driver.snapshots():
@@ -189,6 +219,7 @@ def _open_one(
     driver_options: Mapping[str, str],
     snapshot: str | None = None,
     keys: KeyRing | None = None,
+    lock: tuple[bool, bool] = (True, False),
 ) -> BlockDriver:
     probed = fmt is None
     probe_is_raw = None
@@ -236,7 +267,14 @@ def _open_one(
         writable = False
     if directory_file is not None:
         writable = False
-    file = url_file or directory_file or open_host_file(path, writable=writable, cache=cache)
+    locking, force_share = lock
+    file = (
+        url_file
+        or directory_file
+        or open_host_file(
+            path, writable=writable, cache=cache, lock=locking, force_share=force_share
+        )
+    )
 
     def open_companion(name: str, want_write: bool) -> HostFile:
         if is_url:  # an extent or data file of a remote image: on the same server only
@@ -248,7 +286,13 @@ def _open_one(
             )
         companion = resolve_relative(name, path)
         containment.check(companion, "file", path)
-        return open_host_file(companion, writable=want_write and writable, cache=cache)
+        return open_host_file(
+            companion,
+            writable=want_write and writable,
+            cache=cache,
+            lock=locking,
+            force_share=force_share,
+        )
 
     options = OpenOptions(
         read_only=not writable,

@@ -196,9 +196,12 @@ def open_disk(
     driver_options: Mapping[str, str] | None = None,
     snapshot: str | None = None,
     keys: KeyRing | None = None,
+    locking: bool = True,
+    force_share: bool = False,
 ) -> Disk:
     """Open an image and its backing chain as a Disk (``snapshot``: an internal snapshot of
-    it, by id or name, read-only)."""
+    it, by id or name, read-only), with QEMU's image locks on every host file unless
+    ``locking`` is off; ``force_share`` is qemu-img's -U (read-only opens)."""
     top = chain.open_chain(
         path,
         fmt,
@@ -208,5 +211,7 @@ def open_disk(
         driver_options=driver_options,
         snapshot=snapshot,
         keys=keys,
+        locking=locking,
+        force_share=force_share,
     )
     return Disk(top, cache, os.path.basename(path))

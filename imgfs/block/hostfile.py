@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from imgfs.block import locking
 from imgfs.errors import HostIOError, InvalidRequest, UsageError
 
 
@@ -132,7 +133,12 @@ class HostFile:
         writable: bool,
         direct: bool = False,
         no_flush: bool = False,
+        lock: bool = True,
+        force_share: bool = False,
     ) -> None:
+        """``lock`` takes QEMU's image locks (see imgfs.block.locking) and raises ImageLocked
+        when another process's open excludes this one; ``force_share`` (read-only opens only)
+        is qemu-img's -U: hold consistent read and refuse nobody."""
         self.path = path
         self.writable = writable
         self.direct = direct
@@ -154,6 +160,15 @@ class HostFile:
             os.close(self.fd)
             raise HostIOError(f"{path}: is a directory", errno.EISDIR)
         self.is_block_device = stat.S_ISBLK(st.st_mode)
+        self.lock: locking.FileLock | None = None
+        if lock:
+            try:
+                self.lock = locking.acquire(
+                    self.fd, path, writable=writable, force_share=force_share and not writable
+                )
+            except BaseException:
+                os.close(self.fd)
+                raise
         self._rmw_lock = threading.Lock()
         self._nowait_supported = True
         self.alignment = self._probe_alignment() if direct else 1
@@ -370,5 +385,7 @@ class HostFile:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            os.close(self.fd)  # drops the image locks with the open file description
             self.fd = -1
+            if self.lock is not None:
+                self.lock.release()

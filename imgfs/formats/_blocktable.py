@@ -241,7 +241,12 @@ class BlockTableDriver(BlockDriver):
                 if state is Allocation.UNALLOCATED:
                     n = length
                 break
-            nstate, nhost = self._host(block)
+            try:
+                nstate, nhost = self._host(block)
+            except CorruptImage:
+                # The run ends before a bad entry; a request starting there reports it. (Raising
+                # here made a walk that skips past errors rescan the same entries every call.)
+                break
             if nstate is not state:
                 break
             if state is Allocation.DATA and (host is None or nhost != host + (block - first) * bs):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import bz2
 import concurrent.futures
+import ctypes
 import lzma
 import os
 import plistlib
@@ -262,6 +263,27 @@ def adc_decompress(src: bytes | memoryview, expected: int) -> bytes:
     return bytes(out)
 
 
+# The lzfse module's decompress() grows its output buffer until the decoder stops filling it,
+# and a corrupt stream (the decoder returns 0) makes it grow without bound. Its library's own
+# entry point takes a fixed output buffer, so decoding is capped at the declared size.
+_lzfse_lib = ctypes.CDLL(lzfse.__file__)
+_lzfse_lib.lzfse_decode_buffer.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p
+]  # fmt: skip
+_lzfse_lib.lzfse_decode_buffer.restype = ctypes.c_size_t
+
+
+def lzfse_decode(src: bytes, declared: int) -> bytes:
+    """Decode an LZFSE stream whose blocks declare ``declared`` bytes in all (checked by
+    :func:`lzfse_raw_size` against the chunk first); a stream that decodes to anything else is
+    corrupt. One spare byte tells a stream that would run past its declared size."""
+    out = ctypes.create_string_buffer(declared + 1)
+    got = _lzfse_lib.lzfse_decode_buffer(out, declared + 1, src, len(src), None)
+    if got != declared:
+        raise CorruptImage(f"LZFSE stream decoded to {got} bytes, its blocks declare {declared}")
+    return out.raw[:declared]
+
+
 def lzfse_raw_size(src: bytes) -> int:
     """The decoded size an LZFSE stream declares, summed over its block headers, so a stream
     that would expand past the chunk's size is refused before it is decoded (the decoder
@@ -370,7 +392,7 @@ class DecodedChunk:
                 declared = lzfse_raw_size(src)
                 if declared > size:
                     raise CorruptImage(f"declares {declared} bytes, more than {size}")
-                data: bytes = lzfse.decompress(src)
+                data: bytes = lzfse_decode(src, declared)
             else:
                 data = adc_decompress(src, size)
             self._finish(data)

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from imgfs import remote
-from imgfs.block import chain, registry
+from imgfs.block import chain, locking, registry
 from imgfs.block.driver import BlockDriver, SnapshotInfo
 from imgfs.block.hostfile import CacheMode
 from imgfs.errors import ImgfsError
@@ -122,6 +122,7 @@ class DirectoryScanner:
         self.keys = keys
         self._cache: dict[str, tuple[tuple[object, ...], _Probed]] = {}
         self._reported: set[tuple[str, str]] = set()
+        self._lock_reported: dict[str, str] = {}  # image -> the lock conflict last logged
         # real path of a backing image -> the exported disk that uses it (from the last scan)
         self._backing_users: dict[str, str] = {}
 
@@ -305,6 +306,24 @@ class DirectoryScanner:
             path = probed.url
             exported = name.removesuffix(URL_SUFFIX) + EXPORT_SUFFIX
         reason = None
+        refused, shared_only = self._lock_state(path, probed, writable)
+        # Logged when it changes, so a VM that takes the image again is reported again.
+        lock_message = refused or shared_only
+        if self._lock_reported.get(name) != lock_message:
+            if lock_message is None:
+                del self._lock_reported[name]
+                log.info("%s: no longer locked by another process", name)
+            else:
+                self._lock_reported[name] = lock_message
+                if refused is not None:
+                    log.error("%s: not exported: %s", name, refused)
+                else:
+                    log.info("%s: exported read-only: %s", name, shared_only)
+        if refused is not None:
+            return None
+        if shared_only is not None:
+            writable = False
+            reason = shared_only
         user = self._backing_users.get(os.path.realpath(path))
         if writable and self.protect_backing and user is not None:
             writable = False
@@ -313,6 +332,24 @@ class DirectoryScanner:
         return ImageEntry(
             exported, path, probed.format, probed.virtual_size, writable, st, name, reason
         )
+
+    def _lock_state(
+        self, path: str, probed: _Probed, writable: bool
+    ) -> tuple[str | None, str | None]:
+        """QEMU-style image locks of other processes (see imgfs.block.locking), tested now and
+        never cached: (why the image cannot be opened at all, e.g. a VM has it open for
+        writing; or why it can only be read, e.g. a qemu-io -r reads it)."""
+        files = [path, *probed.companions]
+        for file in (*files, *probed.backing_files):
+            problem = locking.test(file, writable=False)
+            if problem is not None:
+                return f"{file}: {problem}: another process has it open for writing", None
+        if writable:
+            for file in files:
+                problem = locking.test(file, writable=True)
+                if problem is not None:
+                    return None, f"another process uses {file} without sharing writes ({problem})"
+        return None, None
 
     def _report_once(self, name: str, message: str, level: int = logging.ERROR) -> None:
         if (name, message) not in self._reported:
@@ -348,6 +385,8 @@ class DirectoryScanner:
         if fmt == "raw":
             return _Probed(fmt, st.st_size, True, companions, None)
         try:
+            # No image locks for a probe: they would conflict with this process's own opens of
+            # the image; other programs' locks are tested on every scan (_lock_state).
             top = chain.open_chain(
                 path,
                 fmt,
@@ -355,6 +394,7 @@ class DirectoryScanner:
                 cache=CacheMode.WRITEBACK,
                 containment=self.containment,
                 keys=self.keys,
+                locking=False,
             )
         except ImgfsError as e:
             return _Probed(fmt, 0, False, companions, str(e))

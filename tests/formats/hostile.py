@@ -567,15 +567,67 @@ def xml_mutate(data: bytearray, rng: random.Random) -> str | None:
     return f"number at {a} = {value[:24]!r}"
 
 
+# Seeds from here on (the fuzz campaign's) also get structural edits, from a second generator,
+# so that the mutants of the lower seeds the tests use stay what they were.
+STRUCTURAL_SEEDS_FROM = 1_000_000
+STRUCTURAL_SHARE = 0.35
+
+
+def structural_mutate(data: bytearray, regions: list[tuple[int, int]], rng: random.Random) -> str:
+    """Edits that move metadata rather than change a value: a table sector copied over another,
+    a sector zeroed, a table entry duplicated or swapped, bytes inserted or cut out."""
+    size = len(data)
+    regions = [r for r in regions if r[1] > r[0] and r[0] < size] or [(0, size)]
+
+    def pick(align: int) -> int:
+        a, b = rng.choice(regions)
+        return min(rng.randrange(a, min(b, size)), size - 1) & ~(align - 1)
+
+    kind = rng.choice(["copy-sector", "zero-sector", "dup-entry", "swap-entries", "shift"])
+    if kind == "copy-sector":
+        src, dst = pick(512), pick(512)
+        data[dst : dst + 512] = data[src : src + 512]
+        del data[size:]
+        return f"copy sector {src} over {dst}"
+    if kind == "zero-sector":
+        at = pick(512)
+        data[at : at + 512] = bytes(len(data[at : at + 512]))
+        return f"zero sector {at}"
+    width = rng.choice([4, 8])
+    if kind in ("dup-entry", "swap-entries"):
+        a = pick(width)
+        b = a + width if kind == "dup-entry" or rng.random() < 0.5 else pick(width)
+        if b + width > size or a + width > size:
+            return "nothing (entry at the end)"
+        first, second = bytes(data[a : a + width]), bytes(data[b : b + width])
+        data[b : b + width] = first
+        if kind == "swap-entries":
+            data[a : a + width] = second
+        return f"{kind} {width}@{a},{b}"
+    at = pick(1)
+    n = rng.randint(1, 16)
+    if rng.random() < 0.5:
+        data[at:at] = bytes(rng.getrandbits(8) for _ in range(n))
+        return f"insert {n} bytes at {at}"
+    del data[at : at + n]
+    return f"cut {n} bytes at {at}"
+
+
 def make_mutant(base: Base, seed: int, dest: Path) -> tuple[str, str]:
     """Copy ``base`` into ``dest`` and mutate one file; returns (file name, description)."""
     shutil.copytree(base.directory, dest)
+    if seed < 0:  # a stored input replayed as it is (tests/formats/regressions/)
+        return sorted(base.regions)[0], "unmutated"
     rng = random.Random(seed)
     name = rng.choice(sorted(base.regions))
     path = dest / name
     data = bytearray(path.read_bytes())
     text = name.endswith(".xml") or data[:21] == b"# Disk DescriptorFile"
     what = xml_mutate(data, rng) if text else None
+    structural = random.Random(seed * 7919 + 1)
+    if what is None and seed >= STRUCTURAL_SEEDS_FROM and structural.random() < STRUCTURAL_SHARE:
+        if data:
+            what = structural_mutate(data, base.regions[name], structural)
     if what is None:
         what = mutate(data, base.regions[name], rng)
     path.write_bytes(data)

@@ -423,7 +423,8 @@ def test_payload_block_states_read_as_qemu_reads_them(tmp_path: Path) -> None:
     disk = open_disk(str(image), "vhdx", read_only=True)
     try:
         for block in range(8):
-            args = ["qemu-io", "-f", "vhdx", "-c", f"read -v {block * MiB} 16", str(image)]
+            # -r: imgfs holds the image (read-only), as another QEMU would; reading is shared.
+            args = ["qemu-io", "-r", "-f", "vhdx", "-c", f"read -v {block * MiB} 16", str(image)]
             theirs = subprocess.run(args, capture_output=True, text=True, timeout=60).stdout
             if "Input/output error" in theirs:
                 with pytest.raises(CorruptImage, match="invalid state"):

@@ -92,6 +92,8 @@ def test_overlay_backed_by_nbd_url_and_convert_from_url(
         assert_qemu_compare_identical(out, base)
         copy = tmp_path / "top-flat.raw"
         r = imgfs("convert", "-O", "raw", str(overlay), str(copy))
+        assert r.returncode == 1 and "--allow-external-files" in r.stderr, r.stderr
+        r = imgfs("convert", "--allow-external-files", "-O", "raw", str(overlay), str(copy))
         assert r.returncode == 0, r.stderr
         assert copy.read_bytes() == bytes(expected)
     assert base.read_bytes() == data  # the base was only read

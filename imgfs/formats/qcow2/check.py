@@ -270,6 +270,7 @@ def _count_l1(
     # entries are counted once, so the work stays bounded by the file's size, not by
     # L1 entries x L2 entries.
     walked: set[int] = set()
+    file_end = drv.file.size()
     for l1e in l1:
         if l1e & L.L1E_RESERVED:
             res.corruptions += 1
@@ -279,8 +280,21 @@ def _count_l1(
             continue
         add(l2_off, cs, "L2 table")
         if l2_off % cs:
+            # Not walked (qemu-img walks it): a corrupt L1 can name a table at every sector of
+            # the file, and walking each would cost file size x entries per table.
             res.corruptions += 1
-            res.messages.append(f"ERROR l2_offset={l2_off:x}: Table is not cluster aligned")
+            res.messages.append(
+                f"ERROR l2_offset={l2_off:x}: Table is not cluster aligned; not walked"
+            )
+            continue
+        if l2_off + cs > file_end:
+            # Reads as zeros; walking its entries would cost as much as a real table, for each
+            # of the (up to millions of) offsets a corrupt L1 can name past the end.
+            res.corruptions += 1
+            res.messages.append(
+                f"ERROR l2_offset={l2_off:x}: Table is past the end of the file; not walked"
+            )
+            continue
         if l2_off in walked:
             res.corruptions += 1
             res.messages.append(

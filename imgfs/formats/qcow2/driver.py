@@ -712,7 +712,7 @@ class Qcow2Driver(BlockDriver):
     def block_status(self, offset: int, length: int) -> Extent:
         length = min(length, MAX_SEGMENT_CLUSTERS << self.cb)
         with self._lock:
-            segments = self._segments(offset, length)
+            segments = self._first_run(offset, length)
         kind, g, n, host = segments[0]
         if kind == DATA:
             return Extent(offset, n, Allocation.DATA, host_offset=host)
@@ -727,6 +727,30 @@ class Qcow2Driver(BlockDriver):
         if kind == ZERO:
             return Extent(offset, n, Allocation.ZERO, host_offset=host or None)
         return Extent(offset, n, Allocation.UNALLOCATED, host_offset=host or None)
+
+    def _first_run(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """The segments of ``offset``..+``length`` up to where the first run (of one kind, or
+        of compressed clusters) ends: mapped over a window that doubles until the run ends in
+        it, so a call costs about the run's length, not the whole request's. A bad entry past
+        the first cluster ends the run there; a request starting at it reports it."""
+        window = self.cs - (offset & (self.cs - 1))
+        found: list[tuple[int, int, int, int]] | None = None
+        while True:
+            n = min(window, length)
+            try:
+                found = self._segments(offset, n)
+            except CorruptImage:
+                if found is None:
+                    raise
+                return found
+            kinds = [k for k, _, _, _ in found]
+            if kinds[0] == COMPRESSED:
+                ended = any(k != COMPRESSED for k in kinds)
+            else:
+                ended = len(kinds) > 1
+            if ended or n >= length:
+                return found
+            window *= 2
 
     # -- refcounts ------------------------------------------------------------------------------
 
@@ -787,6 +811,14 @@ class Qcow2Driver(BlockDriver):
                 self._grow_reftable(t + 1)
                 continue
             if not self.reftable[t] & L.REFT_OFFSET_MASK:
+                if t == 0:
+                    # The header's range always has a block (cluster 0 is in use): without one
+                    # the new block would land on the header, and its offset 0 would read as
+                    # "no block" again, for ever.
+                    raise CorruptImage(
+                        f"{self.file.path}: qcow2 refcount table entry 0 is empty, but the "
+                        "header's clusters must be counted"
+                    )
                 # A range with no refcount block is all free: its first cluster holds the new
                 # block, which then describes itself.
                 self._new_refblock(t)

@@ -203,6 +203,9 @@ class VmdkDriver(BlockDriver):
         assert line.filename is not None
         file = self._extent_file(line.filename, want_write)
         writable = want_write and file.writable
+        if line.kind in FLAT_KINDS and file is self.file:
+            # Its data would be the descriptor's text, and writes would overwrite it.
+            raise CorruptImage(f"{path}: flat extent {line.filename!r} is the descriptor itself")
         if line.kind in FLAT_KINDS:
             start = line.offset * SECTOR
             if writable and start > file.size() and not file.is_block_device:
