@@ -12,7 +12,7 @@ import contextlib
 import errno
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from imgfs.block import registry
@@ -57,7 +57,23 @@ def resolve_relative(name: str, referrer: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(referrer)), name)
 
 
+# Test hook: when set, every host file of an image (and its companion files) is opened through
+# it; imgfs.block.recording records or fails host I/O with it for crash-state and fault tests.
+# Also selected by the IMGFS_RECORD_IO / IMGFS_FAIL_IO environment variables (see there).
+host_file_factory: Callable[..., HostFile] | None = None
+_checked_environment = False
+
+
 def open_host_file(path: str, *, writable: bool, cache: CacheMode) -> HostFile:
+    global host_file_factory, _checked_environment
+    if not _checked_environment:
+        _checked_environment = True
+        if os.environ.get("IMGFS_RECORD_IO") or os.environ.get("IMGFS_FAIL_IO"):
+            from imgfs.block import recording
+
+            host_file_factory = recording.from_environment()
+    if host_file_factory is not None:
+        return host_file_factory(path, writable=writable, cache=cache)
     return HostFile(path, writable=writable, direct=cache.direct, no_flush=cache.no_flush)
 
 

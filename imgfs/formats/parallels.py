@@ -236,7 +236,14 @@ class ParallelsDriver(BlockTableDriver):
                 result.corruptions += 1
                 result.messages.append("image was not closed correctly")
         if file_size > high:
-            result.leaks += 1
+            if repair is not RepairMode.NONE and self.file.writable and not result.corruptions:
+                # Space past the highest mapped cluster: a block appended before a crash whose
+                # BAT entry never reached the disk. Truncating reclaims it (as qemu's repair).
+                self.file.truncate(high)
+                self.file.sync()
+                result.leaks_fixed += 1
+            else:
+                result.leaks += 1
         result.allocated_clusters = len(seen)
         result.image_end_offset = high
         return result

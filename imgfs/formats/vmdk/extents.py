@@ -5,6 +5,14 @@ Sparse extents (VMware "Virtual Disk Format 5.0", "Hosted Sparse Extents"): a gr
 (GD) of 32-bit sector offsets of grain tables (GT); each GT holds ``numGTEsPerGT`` 32-bit sector
 offsets of grains. GTE 0 is unallocated, GTE 1 a zeroed grain when the header's zeroed-grain
 flag is set. A redundant GD/GT copy (rgdOffset) is kept in step on writes.
+
+Crash safety of sparse writes: new grains (and new grain tables) are appended, and each pointer
+update is behind a ``sync()`` barrier: the grains are durable before the GT entries that name
+them, a new GT before the GD entry. The host may write dirty pages back in any order, and a
+sparse extent has no log or dirty flag, so without it a crash could leave a GT entry past the end
+of the file (qemu-img check fails) or naming a grain of zeros where a partial write's untouched
+sectors held the parent's data. One host sync per allocating write; in-place overwrites need
+none.
 """
 
 from __future__ import annotations
@@ -490,6 +498,7 @@ class SparseExtent(VmdkExtent):
         buf += bytes(SECTOR)  # end-of-stream marker: all zeros
         self.file.pwrite(self.file_end, buf)
         self.file_end += len(buf) - SECTOR
+        self.file.sync()  # barrier: the grains before the GT entries that name them
         base = gd_index * self.gtes_per_gt
         for g, sector, content in placed:
             gt[g - base] = sector
@@ -588,6 +597,7 @@ class SparseExtent(VmdkExtent):
             if self.file.size() < host + gs * len(pending):
                 self.file.pwrite(host + gs * len(pending) - SECTOR, bytes(SECTOR))
         self.file_end = host + gs * len(pending)
+        self.file.sync()  # barrier: the grains before the GT entries that name them
         gt, table = self._gt_for_update(gd_index)
         base_in_gt = first_grain - gd_index * self.gtes_per_gt
         for n, i in enumerate(pending):
@@ -657,6 +667,8 @@ class SparseExtent(VmdkExtent):
             new_rtable = self.file_end
             self.file.pwrite(new_rtable, blank)
             self.file_end += len(blank)
+        self.file.sync()  # barrier: the new tables before the GD entries that name them
+        if self.rgd is not None:
             self.rgd[gd_index] = new_rtable // SECTOR
             self.file.pwrite(
                 self.rgd_offset * SECTOR + gd_index * 4,  # type: ignore[operator]

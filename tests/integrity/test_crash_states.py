@@ -1,0 +1,122 @@
+"""Crash-state testing of every writable format (see tests/integrity/crashstates.py for the model).
+
+Default tier: 50 distinct crash states per format and cache mode (100 per format). The slow tier
+checks 400 per format and mode, on a longer workload, for more than 10,000 in all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from imgfs.block import recording
+from imgfs.block.disk import open_disk
+from imgfs.block.hostfile import CacheMode
+from tests.integrity.crashstates import (
+    GuestModel,
+    GuestOp,
+    MiB,
+    classify,
+    pattern,
+    plan_workload,
+    run_crash_test,
+    split_at,
+)
+from tests.integrity.subjects import SUBJECTS
+
+MODES = [CacheMode.WRITEBACK, CacheMode.NONE]
+# Totals of the slow tier land here (one line per case) for docs/INTEGRITY.md.
+TALLY = os.environ.get("IMGFS_CRASH_TALLY")
+
+
+def _run(
+    name: str,
+    mode: CacheMode,
+    tmp_path: Path,
+    states: int,
+    ops: int,
+    seed: int,
+    qemu_read_every: int = 1,
+) -> None:
+    outcome = run_crash_test(
+        SUBJECTS[name],
+        tmp_path,
+        cache=mode,
+        size=2 * MiB,
+        states=states,
+        seed=seed,
+        ops=ops,
+        qemu_read_every=qemu_read_every,
+    )
+    if TALLY:
+        with open(TALLY, "a") as f:
+            f.write(
+                f"{name}\t{mode.value}\t{outcome.checked}\t{outcome.duplicates}\t"
+                f"{outcome.leaks_repaired}\t{outcome.leaks_left}\t{outcome.recovered}\t"
+                f"{len(outcome.failures)}\n"
+            )
+    assert not outcome.failures, f"{len(outcome.failures)} bad crash states:\n" + "\n".join(
+        outcome.failures[:10]
+    )
+    assert outcome.checked >= states, f"only {outcome.checked} distinct crash states"
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+@pytest.mark.parametrize("name", sorted(SUBJECTS))
+def test_crash_states(name: str, mode: CacheMode, tmp_path: Path) -> None:
+    _run(name, mode, tmp_path, states=50, ops=24, seed=7, qemu_read_every=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [101, 202])
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+@pytest.mark.parametrize("name", sorted(SUBJECTS))
+def test_crash_states_slow(name: str, mode: CacheMode, seed: int, tmp_path: Path) -> None:
+    _run(name, mode, tmp_path, states=200, ops=80, seed=seed)
+
+
+def test_recorder_logs_companion_files_and_syncs(tmp_path: Path) -> None:
+    """The recording layer sees the extent file of a monolithicFlat vmdk (a companion file the
+    driver opens itself), and every sync; a mark splits the log where the guest flushed."""
+    SUBJECTS["vmdk-flat"].make(tmp_path, 1 * MiB)
+    recorder = recording.Recorder()
+    with recording.installed(recorder):
+        disk = open_disk(str(tmp_path / "d.vmdk"), "vmdk")
+        disk.write(4096, pattern(1, 8, 8))
+        recorder.mark(("flush",))
+        disk.flush()
+        disk.close()
+    writes = [op for op in recorder.ops if op.kind == recording.WRITE]
+    extent = [op for op in writes if os.path.basename(op.path) == "d-flat.vmdk"]
+    assert len(extent) == 1
+    assert extent[0].offset == 4096 and extent[0].data == pattern(1, 8, 8)
+    syncs = {os.path.basename(op.path) for op in recorder.ops if op.kind == recording.SYNC}
+    assert "d-flat.vmdk" in syncs
+    durable, pending = split_at(recorder.ops, len(recorder.ops))
+    assert extent[0] in durable and not pending
+
+
+def test_model_allows_old_or_new_and_catches_garbage() -> None:
+    """The checker itself: an acknowledged write must be there, an unacknowledged one may be
+    old or new per sector, and anything else (zeros where data was promised, a stamp from the
+    wrong sector) fails."""
+    plan = plan_workload(MiB, 6, seed=3)
+    writes = [op for op in plan if op.kind == "write"]
+    w = writes[0]
+    marks = [("start", plan.index(w)), ("done", plan.index(w))]
+    model = GuestModel(plan, MiB // 512)
+    base = bytes(MiB)
+    unacked = model.allowed(marks)
+    image = bytearray(base)
+    assert classify(bytes(image), base, unacked) is None  # old
+    image[w.sector * 512 : (w.sector + w.count) * 512] = pattern(w.version, w.sector, w.count)
+    assert classify(bytes(image), base, unacked) is None  # new
+    flush = [("start", len(plan)), ("done", len(plan))]
+    acked = GuestModel([*plan, GuestOp("flush")], MiB // 512).allowed(marks + flush)
+    assert classify(bytes(image), base, acked) is None
+    assert "allowed" in (classify(base, base, acked) or "")  # the promised data is missing
+    wrong = bytearray(image)
+    wrong[w.sector * 512 : w.sector * 512 + 512] = pattern(w.version, w.sector + 1, 1)
+    assert "garbage" in (classify(bytes(wrong), base, unacked) or "")
