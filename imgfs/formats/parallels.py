@@ -22,6 +22,7 @@ stored bitmaps lie.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ from imgfs.block.driver import CheckResult, ImageInfo, OpenOptions, ProbeInput, 
 from imgfs.block.extent import Allocation
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, InvalidRequest, NoSpace, Unsupported
+from imgfs.errors import CorruptImage, ImgfsError, InvalidRequest, NoSpace, Unsupported
 from imgfs.formats._blocktable import SECTOR, BlockTableDriver, load_table
 from imgfs.units import choice_option, size_option
 
@@ -155,9 +156,18 @@ class ParallelsDriver(BlockTableDriver):
             self.read_only = True
 
     def _mark_in_use(self) -> None:
+        previous = self._fields[F_INUSE]
         self._fields[F_INUSE] = INUSE_MAGIC
-        self.file.pwrite(0, _HEADER.pack(*self._fields))
-        self.file.sync()
+        try:
+            self.file.pwrite(0, _HEADER.pack(*self._fields))
+            self.file.sync()
+        except ImgfsError:
+            # The open fails: put the flag back (best effort) so that a host error during the
+            # open does not leave the image looking unclean (read-only until check -r all).
+            self._fields[F_INUSE] = previous
+            with contextlib.suppress(ImgfsError):
+                self.file.pwrite(0, _HEADER.pack(*self._fields))
+            raise
         self._marked_in_use = True
 
     # -- mapping --------------------------------------------------------------------------------
