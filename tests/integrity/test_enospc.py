@@ -29,7 +29,7 @@ FILLER = 3 * MiB
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path):  # noqa: ANN201
+def small_fs(tmp_path: Path):
     point = tmp_path / "small"
     point.mkdir()
     subprocess.run(
