@@ -120,3 +120,67 @@ def test_model_allows_old_or_new_and_catches_garbage() -> None:
     wrong = bytearray(image)
     wrong[w.sector * 512 : w.sector * 512 + 512] = pattern(w.version, w.sector + 1, 1)
     assert "garbage" in (classify(bytes(wrong), base, unacked) or "")
+
+
+def test_mounted_run_recorded_through_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IMGFS_RECORD_IO makes the mount daemon log its host I/O; crash states built from that log
+    check clean and hold, per sector, the old data or one of the versions written (no marks
+    come from a mounted run, so the acknowledged-write check is the in-process tests' job)."""
+    import random
+    import shutil
+
+    from tests.integrity.crashstates import (
+        BASE,
+        apply,
+        check_state,
+        crash_states,
+        materialize,
+    )
+    from tests.mountutil import start_mount, stop_mount
+
+    subject = SUBJECTS["qcow2"]
+    images = tmp_path / "images"
+    images.mkdir()
+    subject.make(images, 2 * MiB)
+    base_dir = tmp_path / "base"
+    shutil.copytree(images, base_dir)
+    log = tmp_path / "io.log"
+    monkeypatch.setenv(recording.ENV_RECORD, str(log))
+    m = start_mount(images, tmp_path / "mnt", tmp_path / "mount.log")
+    monkeypatch.delenv(recording.ENV_RECORD)
+    allowed: list[set[int]] = [{BASE} for _ in range(2 * MiB // 512)]
+    try:
+        fd = os.open(m.file(subject.filename), os.O_RDWR)
+        try:
+            for op in plan_workload(2 * MiB, 12, seed=9):
+                if op.kind == "write":
+                    os.pwrite(fd, pattern(op.version, op.sector, op.count), op.sector * 512)
+                    for s in range(op.sector, op.sector + op.count):
+                        allowed[s].add(op.version)
+                elif op.kind == "flush":
+                    os.fsync(fd)
+        finally:
+            os.close(fd)
+        m.umount()
+    finally:
+        stop_mount(m)
+    ops = recording.load_log(str(log))
+    assert any(op.kind == recording.SYNC for op in ops)
+    assert any(op.kind == recording.WRITE and op.length >= 512 for op in ops)
+    base_files = {p.name: p.read_bytes() for p in base_dir.iterdir()}
+    seen: set[str] = set()
+    for n, state in enumerate(crash_states(ops, random.Random(3), 30)):
+        if len(seen) >= 30:
+            break
+        files, digest = apply(base_files, state.applied)
+        if digest in seen:
+            continue
+        seen.add(digest)
+        out = tmp_path / f"s{n}"
+        materialize(base_dir, files, out)
+        problems = check_state(subject, out / subject.filename, bytes(2 * MiB), allowed)
+        assert not [p for p in problems if p not in ("LEAKS-REPAIRED",)], problems
+        shutil.rmtree(out)
+    assert len(seen) >= 10
