@@ -41,7 +41,10 @@ def small_fs(tmp_path: Path):
         subprocess.run(["umount", "-l", str(point)], check=False)
 
 
-@pytest.mark.parametrize("name", ["qcow2", "vmdk", "vpc", "qed"])
+@pytest.mark.parametrize(
+    "name", ["qcow2", "vmdk", pytest.param("vpc", marks=pytest.mark.slow),
+             pytest.param("qed", marks=pytest.mark.slow)]
+)  # fmt: skip
 def test_full_file_system_under_the_mount(name: str, small_fs: Path, tmp_path: Path) -> None:
     subject = SUBJECTS[name]
     images = small_fs / "images"

@@ -100,7 +100,7 @@ def kill_rounds(name: str, tmp_path: Path, rounds: int, threads: int = 4, seed: 
     return acked_fsyncs
 
 
-@pytest.mark.parametrize(("name", "rounds"), [("qcow2", 3), ("vmdk", 2), ("vhdx", 2)])
+@pytest.mark.parametrize(("name", "rounds"), [("qcow2", 3), ("vmdk", 1), ("vhdx", 1)])
 def test_kill_mount_during_writes(name: str, rounds: int, tmp_path: Path) -> None:
     assert kill_rounds(name, tmp_path, rounds) > 0
 

@@ -14,7 +14,7 @@ rest is headroom for the allocator and trio. A leak of even a few hundred bytes 
 would pass the bound in the long run, so the slow run also requires that the second half's peak
 exceed the first half's by less than 32 MiB.
 
-The duration is IMGFS_LOAD_SECONDS (default 12 s; the slow tier runs 240 s unless told).
+The duration is IMGFS_LOAD_SECONDS (default 10 s; the slow tier runs 240 s unless told).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def run_load(tmp_path: Path, seconds: float) -> dict[str, object]:
 
 
 def test_load_short(tmp_path: Path) -> None:
-    seconds = float(os.environ.get("IMGFS_LOAD_SECONDS", "12"))
+    seconds = float(os.environ.get("IMGFS_LOAD_SECONDS", "10"))
     result = run_load(tmp_path, seconds)
     assert result["write"] and result["read"]
 
