@@ -184,3 +184,31 @@ def test_mounted_run_recorded_through_the_environment(
         assert not [p for p in problems if p not in ("LEAKS-REPAIRED",)], problems
         shutil.rmtree(out)
     assert len(seen) >= 10
+
+
+@pytest.mark.parametrize("name", ["qcow", "qed", "vmdk", "vmdk-2gb-sparse", "vhdx"])
+def test_allocating_write_syncs_data_before_the_pointer(name: str, tmp_path: Path) -> None:
+    """Regression for the ordering bugs the crash states found: after the data of an
+    allocating write (appended to the file), the next in-place update of existing metadata of
+    that file (the table entry that makes the new space reachable) comes only after a sync. A
+    new table appended after the data is not reachable until such an update."""
+    subject = SUBJECTS[name]
+    subject.make(tmp_path, 2 * MiB)
+    data = pattern(7, 8, 8)
+    recorder = recording.Recorder()
+    with recording.installed(recorder):
+        disk = open_disk(str(tmp_path / subject.filename), subject.fmt)
+        try:
+            disk.write(4096, data)
+        finally:
+            disk.close()
+    ops = recorder.ops
+    at = next(i for i, op in enumerate(ops) if op.kind == recording.WRITE and data in op.data)
+    path = ops[at].path
+    later = [i for i in range(at + 1, len(ops)) if ops[i].path == path]
+    pointer = next(
+        i for i in later if ops[i].kind == recording.WRITE and ops[i].offset < ops[at].offset
+    )
+    assert any(ops[i].kind == recording.SYNC for i in later if i < pointer), (
+        f"{name}: the write at {ops[pointer].offset} follows the data write without a sync"
+    )
