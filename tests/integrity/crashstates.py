@@ -394,21 +394,8 @@ def check_state(
         if imgfs_check is not None and (imgfs_check.corruptions or imgfs_check.check_errors):
             problems.append(f"imgfs check: {imgfs_check.messages[:3]}")
         return problems
-    raw = image.with_name(image.name + ".qemu.raw")
-    if not qemu_read:
-        pass
-    elif (
-        conv := qemu_img("convert", "-f", subject.qemu_fmt, "-O", "raw", str(image), str(raw))
-    ).returncode != 0:
-        problems.append(f"qemu-img convert failed: {conv.stderr.strip()}")
-    else:
-        qdata = raw.read_bytes()
-        raw.unlink()
-        bad = classify(qdata, base_raw, allowed)
-        if bad:
-            problems.append(f"read through qemu: {bad}")
-        elif qdata != data:
-            problems.append("imgfs and qemu read different (allowed) data")
+    if qemu_read:
+        problems += _check_qemu_read(subject, image, data, base_raw, allowed)
     check = qemu_img("check", "-f", subject.qemu_fmt, str(image))
     if check.returncode == 2 and subject.dirty_state is not None:
         errors = [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("ERROR")]
@@ -441,6 +428,25 @@ def check_state(
             f"qemu-img check exit {check.returncode}: {(check.stdout + check.stderr)[-600:]}"
         )
     return problems
+
+
+def _check_qemu_read(
+    subject: Subject, image: Path, data: bytes, base_raw: bytes, allowed: list[set[int]]
+) -> list[str]:
+    """qemu-img convert's view: allowed per sector, and the same bytes imgfs read."""
+    assert subject.qemu_fmt is not None
+    raw = image.with_name(image.name + ".qemu.raw")
+    conv = qemu_img("convert", "-f", subject.qemu_fmt, "-O", "raw", str(image), str(raw))
+    if conv.returncode != 0:
+        return [f"qemu-img convert failed: {conv.stderr.strip()}"]
+    qdata = raw.read_bytes()
+    raw.unlink()
+    bad = classify(qdata, base_raw, allowed)
+    if bad:
+        return [f"read through qemu: {bad}"]
+    if qdata != data:
+        return ["imgfs and qemu read different (allowed) data"]
+    return []
 
 
 def image_files(images: Path) -> dict[str, bytes]:
