@@ -31,7 +31,7 @@ import errno as errno_module
 import os
 import pickle
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -171,7 +171,10 @@ class RecordingHostFile(HostFile):
         self.recorder.add(HostOp(SYNC, self.path))
 
 
-def factory(recorder: Recorder):  # noqa: ANN201 - the chain hook's signature
+HostFileFactory = Callable[..., HostFile]  # (path, *, writable, cache) -> HostFile
+
+
+def factory(recorder: Recorder) -> HostFileFactory:
     def open_host_file(path: str, *, writable: bool, cache: CacheMode) -> HostFile:
         return RecordingHostFile(
             path, recorder, writable=writable, direct=cache.direct, no_flush=cache.no_flush
@@ -204,7 +207,7 @@ def parse_fault(spec: str) -> Fault:
         raise ValueError(f"{ENV_FAIL}={spec!r}: expected KIND:N:ERRNO, e.g. write:3:EIO") from None
 
 
-def from_environment():  # noqa: ANN201 - the chain hook's signature, or None
+def from_environment() -> HostFileFactory | None:
     """The hook selected by IMGFS_RECORD_IO / IMGFS_FAIL_IO, or None when neither is set."""
     log_path = os.environ.get(ENV_RECORD)
     fail = os.environ.get(ENV_FAIL)

@@ -174,3 +174,35 @@ def test_injected_fault_reaches_the_caller(tmp_path: Path) -> None:
         finally:
             disk.close()
     assert fault.fired and fault.seen == 2  # counting stops once a one-shot fault fired
+
+
+def test_fault_selected_by_environment_reaches_a_mounted_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IMGFS_FAIL_IO=write:0:ENOSPC: the daemon's first host write fails; the FUSE writer gets
+    ENOSPC for that write, and the next write and fsync succeed."""
+    from tests.mountutil import start_mount, stop_mount
+
+    with pytest.raises(ValueError, match="KIND:N:ERRNO"):
+        recording.parse_fault("write:x")
+    assert recording.parse_fault("sync:2:EIO") == recording.Fault(2, ("sync",), errno.EIO)
+    images = tmp_path / "images"
+    images.mkdir()
+    SUBJECTS["raw"].make(images, MiB)
+    monkeypatch.setenv(recording.ENV_FAIL, "write:0:ENOSPC")
+    m = start_mount(images, tmp_path / "mnt", tmp_path / "mount.log")
+    monkeypatch.delenv(recording.ENV_FAIL)
+    try:
+        fd = os.open(m.file("d.img"), os.O_RDWR)
+        try:
+            with pytest.raises(OSError) as info:
+                os.pwrite(fd, pattern(1, 0, 8), 0)
+            assert info.value.errno == errno.ENOSPC
+            assert os.pwrite(fd, pattern(2, 0, 8), 0) == 4096
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        m.umount()
+    finally:
+        stop_mount(m)
+    assert (images / "d.img").read_bytes()[:4096] == pattern(2, 0, 8)
