@@ -379,9 +379,11 @@ class QcowDriver(BlockDriver):
             l2_offset = self._allocate(self.l2_bytes)
             self.file.pwrite(l2_offset, disk_table.tobytes())
             self._l2_cache.put((l2_offset, 0), table)
-            self.l1[l1_index] = l2_offset
             self.file.sync()  # barrier: the data and the new table before the L1 entry
             self.file.pwrite(self.header.l1_table_offset + l1_index * 8, _ENTRY.pack(l2_offset))
+            # Only now in memory: after a host error the disk's L1 does not name the table, and
+            # a retried write must allocate again rather than fill a table nothing reaches.
+            self.l1[l1_index] = l2_offset
             return
         self.file.sync()  # barrier: the new data before the L2 entries that point at it
         self.file.pwrite(l2_offset + l2_index * 8, b"".join(_ENTRY.pack(e) for e in entries))

@@ -427,9 +427,11 @@ class QedDriver(BlockDriver):
                 table.byteswap()
             l2_offset = self._allocate(self.table_bytes)
             self.file.pwrite(l2_offset, table.tobytes())
-            self.l1[l1_index] = l2_offset
             self.file.sync()  # barrier: the data and the new table before the L1 entry
             self.file.pwrite(self.header.l1_table_offset + l1_index * 8, _ENTRY.pack(l2_offset))
+            # Only now in memory: after a host error the disk's L1 does not name the table, and
+            # a retried write must allocate again rather than fill a table nothing reaches.
+            self.l1[l1_index] = l2_offset
             return
         raw = b"".join(_ENTRY.pack(e) for e in entries)
         if any(e > ZERO_CLUSTER for e in entries):

@@ -616,8 +616,10 @@ class VhdxDriver(BlockDriver):
             # zeros instead of the data or the parent's).
             self.file.sync()
         raw = (offset >> 20) << 20 | state
-        struct.pack_into("<Q", self._bat, index * 8, raw)
         self.file.pwrite(self._bat_offset + index * 8, raw.to_bytes(8, "little"))
+        # In memory only once written: after a host error the BAT keeps the old entry, so a
+        # retried write allocates again instead of going to space no on-disk entry names.
+        struct.pack_into("<Q", self._bat, index * 8, raw)
 
     # -- reads ----------------------------------------------------------------------------------
 

@@ -668,16 +668,24 @@ class SparseExtent(VmdkExtent):
             self.file.pwrite(new_rtable, blank)
             self.file_end += len(blank)
         self.file.sync()  # barrier: the new tables before the GD entries that name them
-        if self.rgd is not None:
-            self.rgd[gd_index] = new_rtable // SECTOR
+        try:
+            if self.rgd is not None:
+                self.rgd[gd_index] = new_rtable // SECTOR
+                self.file.pwrite(
+                    self.rgd_offset * SECTOR + gd_index * 4,  # type: ignore[operator]
+                    struct.pack("<I", new_rtable // SECTOR),
+                )
+            self.gd[gd_index] = new_table // SECTOR
             self.file.pwrite(
-                self.rgd_offset * SECTOR + gd_index * 4,  # type: ignore[operator]
-                struct.pack("<I", new_rtable // SECTOR),
+                self.gd_offset * SECTOR + gd_index * 4, struct.pack("<I", new_table // SECTOR)
             )
-        self.gd[gd_index] = new_table // SECTOR
-        self.file.pwrite(
-            self.gd_offset * SECTOR + gd_index * 4, struct.pack("<I", new_table // SECTOR)
-        )
+        except BaseException:
+            # A host error: forget the new tables (the disk's GD does not name them), or later
+            # writes would fill a table no GD entry reaches. The space they took is leaked.
+            self.gd[gd_index] = 0
+            if self.rgd is not None:
+                self.rgd[gd_index] = 0
+            raise
         gt = array("I", bytes(self.gt_bytes))
         self.gt_cache.put(new_table // SECTOR, gt)
         return gt, new_table // SECTOR
@@ -686,9 +694,16 @@ class SparseExtent(VmdkExtent):
         """Write GT entries [lo, hi) to the table and to its redundant copy."""
         assert self.file is not None
         chunk = gt[lo:hi].tobytes()
-        self.file.pwrite(table * SECTOR + lo * 4, chunk)
-        if self.rgd is not None and self.rgd[gd_index]:
-            self.file.pwrite(self.rgd[gd_index] * SECTOR + lo * 4, chunk)
+        try:
+            self.file.pwrite(table * SECTOR + lo * 4, chunk)
+            if self.rgd is not None and self.rgd[gd_index]:
+                self.file.pwrite(self.rgd[gd_index] * SECTOR + lo * 4, chunk)
+        except BaseException:
+            # A host error: the cached table already holds the new entries but the disk may
+            # not. Drop it so the next access reads what the disk holds; otherwise a later
+            # write to the grain would go in place, to space no on-disk GT entry names.
+            self.gt_cache.items.pop(table, None)
+            raise
 
     # -- info and check -------------------------------------------------------------------------
 
