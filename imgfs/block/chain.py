@@ -12,7 +12,7 @@ import contextlib
 import errno
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin
 
@@ -110,10 +110,31 @@ def resolve_backing(name: str, referrer: str, containment: Containment) -> str:
     return path
 
 
+# Test hook: when set, every host file of an image (and its companion files) is opened through
+# it; imgfs.block.recording records or fails host I/O with it for crash-state and fault tests.
+# Also selected by the IMGFS_RECORD_IO / IMGFS_FAIL_IO environment variables (see there).
+host_file_factory: Callable[..., HostFile] | None = None
+_checked_environment = False
+
+
 def open_host_file(
     path: str, *, writable: bool, cache: CacheMode, lock: bool = True, force_share: bool = False
 ) -> HostFile:
     """``lock``/``force_share``: QEMU-compatible image locks (see imgfs.block.locking)."""
+    global host_file_factory, _checked_environment
+    if not _checked_environment:
+        _checked_environment = True
+        if os.environ.get("IMGFS_RECORD_IO") or os.environ.get("IMGFS_FAIL_IO"):
+            from imgfs.block import recording
+
+            host_file_factory = recording.from_environment()
+    factory = host_file_factory if host_file_factory is not None else _plain_host_file
+    return factory(path, writable=writable, cache=cache, lock=lock, force_share=force_share)
+
+
+def _plain_host_file(
+    path: str, *, writable: bool, cache: CacheMode, lock: bool, force_share: bool
+) -> HostFile:
     return HostFile(
         path,
         writable=writable,

@@ -22,6 +22,7 @@ stored bitmaps lie.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ from imgfs.block.driver import CheckResult, ImageInfo, OpenOptions, ProbeInput, 
 from imgfs.block.extent import Allocation
 from imgfs.block.hostfile import HostFile
 from imgfs.block.registry import register
-from imgfs.errors import CorruptImage, InvalidRequest, NoSpace, Unsupported
+from imgfs.errors import CorruptImage, ImgfsError, InvalidRequest, NoSpace, Unsupported
 from imgfs.formats._blocktable import SECTOR, BlockTableDriver, load_table
 from imgfs.units import choice_option, size_option
 
@@ -155,9 +156,18 @@ class ParallelsDriver(BlockTableDriver):
             self.read_only = True
 
     def _mark_in_use(self) -> None:
+        previous = self._fields[F_INUSE]
         self._fields[F_INUSE] = INUSE_MAGIC
-        self.file.pwrite(0, _HEADER.pack(*self._fields))
-        self.file.sync()
+        try:
+            self.file.pwrite(0, _HEADER.pack(*self._fields))
+            self.file.sync()
+        except ImgfsError:
+            # The open fails: put the flag back (best effort) so that a host error during the
+            # open does not leave the image looking unclean (read-only until check -r all).
+            self._fields[F_INUSE] = previous
+            with contextlib.suppress(ImgfsError):
+                self.file.pwrite(0, _HEADER.pack(*self._fields))
+            raise
         self._marked_in_use = True
 
     # -- mapping --------------------------------------------------------------------------------
@@ -236,7 +246,14 @@ class ParallelsDriver(BlockTableDriver):
                 result.corruptions += 1
                 result.messages.append("image was not closed correctly")
         if file_size > high:
-            result.leaks += 1
+            if repair is not RepairMode.NONE and self.file.writable and not result.corruptions:
+                # Space past the highest mapped cluster: a block appended before a crash whose
+                # BAT entry never reached the disk. Truncating reclaims it (as qemu's repair).
+                self.file.truncate(high)
+                self.file.sync()
+                result.leaks_fixed += 1
+            else:
+                result.leaks += 1
         result.allocated_clusters = len(seen)
         result.image_end_offset = high
         return result

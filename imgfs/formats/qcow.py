@@ -10,6 +10,14 @@ clusters and no dirty flag.
 Writes append at the end of the file, cluster aligned: data first, then a new L2 table (already
 holding the new entries), then the L1 entry. A partial write to a new cluster copies the rest
 from the backing image (or a compressed cluster's old contents).
+
+Crash safety: qcow has no refcounts, dirty flag or log, so nothing repairs a table entry that
+reached the disk before the data it points at (the host may write back dirty pages in any
+order). Each pointer update is therefore behind a ``sync()`` barrier: the new data (and a new L2
+table) are durable before an L2 entry (or the L1 entry) points at them. Otherwise a crash could
+leave an entry past the end of the file (an unreadable image) or a cluster of zeros where a
+partial write's untouched sectors held the backing file's data. It costs one host sync per
+allocating write; overwrites of allocated clusters need none.
 """
 
 from __future__ import annotations
@@ -393,9 +401,13 @@ class QcowDriver(BlockDriver):
             l2_offset = self._allocate(self.l2_bytes)
             self.file.pwrite(l2_offset, disk_table.tobytes())
             self._l2_cache.put((l2_offset, 0), table)
-            self.l1[l1_index] = l2_offset
+            self.file.sync()  # barrier: the data and the new table before the L1 entry
             self.file.pwrite(self.header.l1_table_offset + l1_index * 8, _ENTRY.pack(l2_offset))
+            # Only now in memory: after a host error the disk's L1 does not name the table, and
+            # a retried write must allocate again rather than fill a table nothing reaches.
+            self.l1[l1_index] = l2_offset
             return
+        self.file.sync()  # barrier: the new data before the L2 entries that point at it
         self.file.pwrite(l2_offset + l2_index * 8, b"".join(_ENTRY.pack(e) for e in entries))
         table[l2_index : l2_index + len(entries)] = array("Q", entries)
 

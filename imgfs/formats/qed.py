@@ -9,6 +9,13 @@ holding the new entries), then the L1 entry, so that a crash leaves at worst lea
 The NEED_CHECK feature bit is set (and synced) before the first allocating write and cleared by
 the next flush once everything is durable, as qemu does; a writable open of an image that still
 has it runs the consistency check and repair first.
+
+Each pointer update is behind a ``sync()`` barrier: new data clusters (and a new L2 table) are
+durable before an L2 entry (or the L1 entry) points at them. The host may write dirty pages back
+in any order, so without it a crash can leave an entry past the end of the file (which a
+read-only open cannot use until a writable open repairs it) or, over a backing file, a cluster
+of zeros where a partial write's untouched sectors held the backing data (which no check can
+see). One host sync per allocating write; overwrites of allocated clusters need none.
 """
 
 from __future__ import annotations
@@ -420,10 +427,15 @@ class QedDriver(BlockDriver):
                 table.byteswap()
             l2_offset = self._allocate(self.table_bytes)
             self.file.pwrite(l2_offset, table.tobytes())
-            self.l1[l1_index] = l2_offset
+            self.file.sync()  # barrier: the data and the new table before the L1 entry
             self.file.pwrite(self.header.l1_table_offset + l1_index * 8, _ENTRY.pack(l2_offset))
+            # Only now in memory: after a host error the disk's L1 does not name the table, and
+            # a retried write must allocate again rather than fill a table nothing reaches.
+            self.l1[l1_index] = l2_offset
             return
         raw = b"".join(_ENTRY.pack(e) for e in entries)
+        if any(e > ZERO_CLUSTER for e in entries):
+            self.file.sync()  # barrier: the new data before the L2 entries that point at it
         self.file.pwrite(l2_offset + l2_index * 8, raw)
         for i, e in enumerate(entries):
             page_no, j = divmod(l2_index + i, self.page_entries)

@@ -16,9 +16,10 @@ replays it into an in-memory view of the file (bounded by the log's size) and le
 alone.
 
 Writes allocate a block at the (1 MiB aligned) end of the file in the order MS-VHDX requires
-without the log: the file grows, the data is written, and only then the BAT entry that points at
-it. The first write of an open also gives both headers new file/data write GUIDs and sequence
-numbers (one header at a time, with a sync between).
+without the log: the file grows, the data is written, a sync, and only then the BAT entry that
+points at it (a sector bitmap's bits likewise follow a sync after the sectors they claim). The
+first write of an open also gives both headers new file/data write GUIDs and sequence numbers
+(one header at a time, with a sync between).
 """
 
 from __future__ import annotations
@@ -608,9 +609,17 @@ class VhdxDriver(BlockDriver):
         return state, offset
 
     def _set_entry(self, index: int, state: int, offset: int) -> None:
+        if offset:
+            # Barrier: the grown file and the data are durable before a BAT entry points at
+            # them (the host may write back in any order; a BAT entry past the end of the file
+            # makes the whole image unopenable for qemu, and one naming unwritten space reads
+            # zeros instead of the data or the parent's).
+            self.file.sync()
         raw = (offset >> 20) << 20 | state
-        struct.pack_into("<Q", self._bat, index * 8, raw)
         self.file.pwrite(self._bat_offset + index * 8, raw.to_bytes(8, "little"))
+        # In memory only once written: after a host error the BAT keeps the old entry, so a
+        # retried write allocates again instead of going to space no on-disk entry names.
+        struct.pack_into("<Q", self._bat, index * 8, raw)
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -772,6 +781,7 @@ class VhdxDriver(BlockDriver):
             if any(self.file.pread(where, per_block)):
                 self.file.pwrite(where, bytes(per_block))
         self.file.pwrite(host + lo, buf)
+        self.file.sync()  # barrier: the sectors are durable before the bits that claim them
         # Set the bits of the written sectors, then (for a new block) the BAT entry.
         first = (block * self._block_size + lo) % chunk_bytes // ls
         last = (block * self._block_size + hi - 1) % chunk_bytes // ls

@@ -5,6 +5,14 @@ Sparse extents (VMware "Virtual Disk Format 5.0", "Hosted Sparse Extents"): a gr
 (GD) of 32-bit sector offsets of grain tables (GT); each GT holds ``numGTEsPerGT`` 32-bit sector
 offsets of grains. GTE 0 is unallocated, GTE 1 a zeroed grain when the header's zeroed-grain
 flag is set. A redundant GD/GT copy (rgdOffset) is kept in step on writes.
+
+Crash safety of sparse writes: new grains (and new grain tables) are appended, and each pointer
+update is behind a ``sync()`` barrier: the grains are durable before the GT entries that name
+them, a new GT before the GD entry. The host may write dirty pages back in any order, and a
+sparse extent has no log or dirty flag, so without it a crash could leave a GT entry past the end
+of the file (qemu-img check fails) or naming a grain of zeros where a partial write's untouched
+sectors held the parent's data. One host sync per allocating write; in-place overwrites need
+none.
 """
 
 from __future__ import annotations
@@ -490,6 +498,7 @@ class SparseExtent(VmdkExtent):
         buf += bytes(SECTOR)  # end-of-stream marker: all zeros
         self.file.pwrite(self.file_end, buf)
         self.file_end += len(buf) - SECTOR
+        self.file.sync()  # barrier: the grains before the GT entries that name them
         base = gd_index * self.gtes_per_gt
         for g, sector, content in placed:
             gt[g - base] = sector
@@ -588,6 +597,7 @@ class SparseExtent(VmdkExtent):
             if self.file.size() < host + gs * len(pending):
                 self.file.pwrite(host + gs * len(pending) - SECTOR, bytes(SECTOR))
         self.file_end = host + gs * len(pending)
+        self.file.sync()  # barrier: the grains before the GT entries that name them
         gt, table = self._gt_for_update(gd_index)
         base_in_gt = first_grain - gd_index * self.gtes_per_gt
         for n, i in enumerate(pending):
@@ -657,15 +667,25 @@ class SparseExtent(VmdkExtent):
             new_rtable = self.file_end
             self.file.pwrite(new_rtable, blank)
             self.file_end += len(blank)
-            self.rgd[gd_index] = new_rtable // SECTOR
+        self.file.sync()  # barrier: the new tables before the GD entries that name them
+        try:
+            if self.rgd is not None:
+                self.rgd[gd_index] = new_rtable // SECTOR
+                self.file.pwrite(
+                    self.rgd_offset * SECTOR + gd_index * 4,  # type: ignore[operator]
+                    struct.pack("<I", new_rtable // SECTOR),
+                )
+            self.gd[gd_index] = new_table // SECTOR
             self.file.pwrite(
-                self.rgd_offset * SECTOR + gd_index * 4,  # type: ignore[operator]
-                struct.pack("<I", new_rtable // SECTOR),
+                self.gd_offset * SECTOR + gd_index * 4, struct.pack("<I", new_table // SECTOR)
             )
-        self.gd[gd_index] = new_table // SECTOR
-        self.file.pwrite(
-            self.gd_offset * SECTOR + gd_index * 4, struct.pack("<I", new_table // SECTOR)
-        )
+        except BaseException:
+            # A host error: forget the new tables (the disk's GD does not name them), or later
+            # writes would fill a table no GD entry reaches. The space they took is leaked.
+            self.gd[gd_index] = 0
+            if self.rgd is not None:
+                self.rgd[gd_index] = 0
+            raise
         gt = array("I", bytes(self.gt_bytes))
         self.gt_cache.put(new_table // SECTOR, gt)
         return gt, new_table // SECTOR
@@ -674,9 +694,16 @@ class SparseExtent(VmdkExtent):
         """Write GT entries [lo, hi) to the table and to its redundant copy."""
         assert self.file is not None
         chunk = gt[lo:hi].tobytes()
-        self.file.pwrite(table * SECTOR + lo * 4, chunk)
-        if self.rgd is not None and self.rgd[gd_index]:
-            self.file.pwrite(self.rgd[gd_index] * SECTOR + lo * 4, chunk)
+        try:
+            self.file.pwrite(table * SECTOR + lo * 4, chunk)
+            if self.rgd is not None and self.rgd[gd_index]:
+                self.file.pwrite(self.rgd[gd_index] * SECTOR + lo * 4, chunk)
+        except BaseException:
+            # A host error: the cached table already holds the new entries but the disk may
+            # not. Drop it so the next access reads what the disk holds; otherwise a later
+            # write to the grain would go in place, to space no on-disk GT entry names.
+            self.gt_cache.items.pop(table, None)
+            raise
 
     # -- info and check -------------------------------------------------------------------------
 
