@@ -1,7 +1,7 @@
 """In-process cost of imgfs.crypto.SectorCipher: CPU (process_time) per MiB for whole-request
 encrypt/decrypt at a few request sizes and every mode. Not a FUSE benchmark.
 
-    python bench/crypto_cost.py [--seconds 0.5] [--modes xts,cbc,...]
+    python bench/crypto_cost.py [--seconds 0.6] [--modes NAME,...] [--root CHECKOUT]
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's imgfs
+# This checkout's imgfs, or another's (--root /work/main) to compare.
+_root = sys.argv[sys.argv.index("--root") + 1] if "--root" in sys.argv else None
+sys.path.insert(0, _root or str(Path(__file__).resolve().parent.parent))
 
-from imgfs.crypto.cipher import CipherSpec, SectorCipher
+from imgfs.crypto.cipher import CipherSpec, SectorCipher  # noqa: E402
 
 SPECS: dict[str, tuple[CipherSpec, int]] = {
     "aes-256-xts-plain64": (CipherSpec("aes-256", "xts", "plain64"), 64),
@@ -25,7 +27,7 @@ SPECS: dict[str, tuple[CipherSpec, int]] = {
     "aes-256-ctr-plain64": (CipherSpec("aes-256", "ctr", "plain64"), 32),
     "aes-256-ecb": (CipherSpec("aes-256", "ecb", "plain64"), 32),
 }
-SIZES = (1 << 20, 128 << 10, 4096)
+SIZES = (4 << 20, 1 << 20, 128 << 10, 4096)
 
 
 def cost_per_mib(fn: Callable[[bytes, int], object], data: bytes, seconds: float) -> float:
@@ -52,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=0.6)
     ap.add_argument("--modes", default=",".join(SPECS))
+    ap.add_argument("--root", help="the imgfs checkout to measure (default: this one)")
     args = ap.parse_args()
     import imgfs
 

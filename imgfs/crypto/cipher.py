@@ -5,11 +5,13 @@ sector number.
 Names follow QEMU (``aes-256``, ``xts``, ``plain64``, ``sha256``), so ``-o encrypt.*`` values and
 the names in a LUKS header (see :mod:`imgfs.crypto.luks1`) map onto one :class:`CipherSpec`.
 
-Speed: runs of sectors are processed with as few library calls as the mode allows. ECB is one
-call; CBC decryption is one ECB call plus one XOR with the shifted ciphertext; XTS is done by
-hand from two ECB calls (the tweaks of every sector at once, then the data) and two XORs, which
-is 2-3x faster here than one library XTS call per sector. CBC encryption and CTR are chained
-per sector, one call each.
+Speed: a run of sectors is processed in a few whole-buffer calls, with no Python loop over
+sectors or blocks: numpy makes the IVs, XTS tweaks and CTR counters of every sector at once
+and does the XORs; OpenSSL does ECB over the whole run. XTS is two ECB calls (tweaks, data)
+and two XORs; CBC decryption one ECB call and two XORs; CBC encryption, chained within a
+sector, one ECB call per block position across all sectors (in block-major order; short runs
+one CBC call per sector); CTR one ECB call over the counters and an XOR. Long runs go in
+1 MiB pieces (cache-sized scratch).
 """
 
 from __future__ import annotations
@@ -151,9 +153,24 @@ def essiv_alg(alg: str, ivgen_hash: str) -> str:
         ) from None
 
 
+class _EcbContexts(threading.local):
+    """One thread's ECB contexts of a :class:`SectorCipher`, made on its first use there and
+    then reused: ECB keeps no state between whole-block updates, and a new context costs
+    ~2 us, a good part of a 4 KiB request."""
+
+    def __init__(
+        self, data: Cipher[modes.ECB], tweak: Cipher[modes.ECB] | None,
+        essiv: Cipher[modes.ECB] | None,
+    ) -> None:  # fmt: skip
+        self.encrypt = data.encryptor()
+        self.decrypt = data.decryptor()
+        self.tweak = tweak.encryptor() if tweak is not None else None
+        self.essiv = essiv.encryptor() if essiv is not None else None
+
+
 class SectorCipher:
     """Encrypts and decrypts runs of whole 512-byte sectors, sector ``s`` chained from the IV
-    of sector number ``s``. Thread-safe: every call makes its own cipher contexts."""
+    of sector number ``s``. Thread-safe: cipher contexts and scratch buffers are per thread."""
 
     def __init__(self, spec: CipherSpec, key: bytes) -> None:
         spec.validate()
@@ -177,6 +194,7 @@ class SectorCipher:
             self._essiv_ecb = Cipher(
                 _algorithm(essiv_alg(spec.alg, spec.ivgen_hash), salt), modes.ECB()
             )
+        self._ctx = _EcbContexts(self._ecb, self._tweak_ecb, self._essiv_ecb)
 
     # -- IVs ------------------------------------------------------------------------------------
 
@@ -198,8 +216,9 @@ class SectorCipher:
         else:
             ivs = np.zeros((count, words), U64)
             ivs[:, 0] = numbers
-        if self._essiv_ecb is not None:
-            encrypted = self._essiv_ecb.encryptor().update(ivs.view(np.uint8))
+        essiv = self._ctx.essiv
+        if essiv is not None:
+            encrypted = essiv.update(ivs.view(np.uint8))
             ivs = np.frombuffer(encrypted, U64).reshape(count, words)
         return ivs
 
@@ -221,7 +240,7 @@ class SectorCipher:
             return b""
         mode = self.spec.mode
         if mode == "ecb":
-            ctx = self._ecb.encryptor() if encrypt else self._ecb.decryptor()
+            ctx = self._ctx.encrypt if encrypt else self._ctx.decrypt
             return ctx.update(data)
         # update_into wants a block of slack after the output; it is cut off once every
         # numpy view of the buffer is gone (a bytearray with exports cannot shrink).
@@ -267,14 +286,15 @@ class SectorCipher:
         T_0 the IV encrypted with the second key. All sectors at once: one ECB call makes
         every T_0, numpy the 32 multiples of each (:func:`xts_tweaks`) and the two XORs, one
         ECB call with the data key does the whole piece in place."""
-        assert self._tweak_ecb is not None
+        contexts = self._ctx
+        assert contexts.tweak is not None
         n = count * SECTOR
         src, dst = self._views(data, out, count)
-        t0 = self._tweak_ecb.encryptor().update(self._iv_words(sector, count).view(np.uint8))
+        t0 = contexts.tweak.update(self._iv_words(sector, count).view(np.uint8))
         tweaks = _scratch_words(count * SECTOR_WORDS).reshape(src.shape)
         xts_tweaks(np.frombuffer(t0, U64).reshape(count, 2), tweaks)
         np.bitwise_xor(src, tweaks, out=dst)
-        ctx = self._ecb.encryptor() if encrypt else self._ecb.decryptor()
+        ctx = contexts.encrypt if encrypt else contexts.decrypt
         ctx.update_into(out[:n], out)  # in place: ECB allows it
         dst ^= tweaks
 
@@ -284,7 +304,7 @@ class SectorCipher:
         """CBC decryption has no chain: one ECB decryption of the run, then every block XORed
         with the ciphertext block before it, or its sector's IV for a sector's first."""
         src, dst = self._views(data, out, count)
-        self._ecb.decryptor().update_into(data, out)
+        self._ctx.decrypt.update_into(data, out)
         dst[:, 1:] ^= src[:, :-1]
         dst[:, 0] ^= self._iv_words(sector, count)
 
@@ -311,7 +331,7 @@ class SectorCipher:
         rows[0] ^= self._iv_words(sector, count)
         raw = memoryview(work.view(np.uint8))
         row_bytes = count * b
-        ctx = self._ecb.encryptor()
+        ctx = self._ctx.encrypt
         for j in range(per):
             if j:
                 rows[j] ^= rows[j - 1]
@@ -335,7 +355,7 @@ class SectorCipher:
         if b == 16:
             high = start[:, :1] + (low < start[:, -1:])  # carry into the high word
             counters[:, :, 0] = high
-        self._ecb.encryptor().update_into(counters.view(np.uint8), out)
+        self._ctx.encrypt.update_into(counters.view(np.uint8), out)
         dst ^= src
 
 
