@@ -314,15 +314,11 @@ class SectorCipher:
         """CBC encryption chains through a sector, but sectors are independent: the run is
         transposed to block-major order (all sectors' first blocks, then all second blocks...)
         and each row is one ECB call after XORing it with the row before (the IVs for the
-        first). Short runs, where those per-row calls cost more, use one CBC call per
-        sector."""
+        first). Short runs, where those per-row calls cost more, are chained instead."""
         b = self.block
         per = SECTOR // b
         if count < CBC_ROWS_MIN_SECTORS * per // 32:
-            ivs = self.ivs(sector, count)
-            for i in range(count):
-                ctx = Cipher(self._alg, modes.CBC(ivs[i * b : (i + 1) * b])).encryptor()
-                ctx.update_into(data[i * SECTOR : (i + 1) * SECTOR], out[i * SECTOR :])
+            self._cbc_encrypt_chained(data, out, sector, count)
             return
         src, dst = self._views(data, out, count)
         work = _scratch_words(count * SECTOR_WORDS + 2)  # +16 bytes: update_into's slack
@@ -337,6 +333,28 @@ class SectorCipher:
                 rows[j] ^= rows[j - 1]
             ctx.update_into(raw[j * row_bytes : (j + 1) * row_bytes], raw[j * row_bytes :])
         dst[...] = rows.transpose(1, 0, 2)
+
+    def _cbc_encrypt_chained(
+        self, data: memoryview, out: memoryview, sector: int, count: int
+    ) -> None:
+        """Short runs as one CBC chain through every sector: a sector's first block is XORed
+        with its IV and with the previous sector's last ciphertext block, which undoes the
+        chaining across the boundary (one context instead of one per sector)."""
+        b = self.block
+        ivs = self.ivs(sector, count)
+        ctx = Cipher(self._alg, modes.CBC(ivs[:b])).encryptor()
+        block = bytearray(b)
+        for i in range(count):
+            start = i * SECTOR
+            if i:
+                fix = int.from_bytes(ivs[i * b : (i + 1) * b], "little")
+                fix ^= int.from_bytes(out[start - b : start], "little")
+                fix ^= int.from_bytes(data[start : start + b], "little")
+                block[:] = fix.to_bytes(b, "little")
+                ctx.update_into(block, out[start:])
+                ctx.update_into(data[start + b : start + SECTOR], out[start + b :])
+            else:
+                ctx.update_into(data[:SECTOR], out)
 
     def _ctr(
         self, data: memoryview, out: memoryview, sector: int, count: int, encrypt: bool
@@ -363,9 +381,9 @@ SECTOR_WORDS = SECTOR // 8
 RUN_SECTORS = 2048  # 1 MiB pieces
 MASK64 = (1 << 64) - 1
 U64 = np.dtype("<u8")
-# Below this many sectors, one CBC call per sector costs less than one ECB call per block
-# position (32 of them for AES) in the transposed CBC encryption.
-CBC_ROWS_MIN_SECTORS = 12  # for 32 blocks a sector; twice that for 64-bit blocks
+# Below this many sectors, one CBC chain through the run (a few small calls per sector) costs
+# less than one ECB call per block position (32 of them for AES) in block-major order.
+CBC_ROWS_MIN_SECTORS = 20  # for 32 blocks a sector; twice that for 64-bit blocks
 
 _LOCAL = threading.local()
 
