@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherAlgorithm, algorithms, modes
 
 from imgfs.errors import InvalidRequest, Unsupported
@@ -131,14 +130,6 @@ def _algorithm(alg: str, key: bytes) -> CipherAlgorithm:
     return factory(key)
 
 
-def _has_ctr(alg: CipherAlgorithm) -> bool:
-    try:
-        Cipher(alg, modes.CTR(bytes(alg.block_size // 8))).encryptor()
-    except UnsupportedAlgorithm:
-        return False
-    return True
-
-
 def essiv_alg(alg: str, ivgen_hash: str) -> str:
     """The cipher ESSIV encrypts sector numbers with: the same family keyed by the hash of the
     key, so its key size is the hash's digest size (QEMU's rule)."""
@@ -182,7 +173,6 @@ class SectorCipher:
         self._alg = _algorithm(spec.alg, self._key)
         self.block = self._alg.block_size // 8
         self._ecb = Cipher(self._alg, modes.ECB())
-        self._native_ctr = spec.mode != "ctr" or _has_ctr(self._alg)
         # XTS: the second half of the key encrypts the tweaks.
         self._tweak_ecb = (
             Cipher(_algorithm(spec.alg, key[half:]), modes.ECB()) if spec.mode == "xts" else None
