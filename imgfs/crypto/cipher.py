@@ -5,11 +5,13 @@ sector number.
 Names follow QEMU (``aes-256``, ``xts``, ``plain64``, ``sha256``), so ``-o encrypt.*`` values and
 the names in a LUKS header (see :mod:`imgfs.crypto.luks1`) map onto one :class:`CipherSpec`.
 
-Speed: runs of sectors are processed with as few library calls as the mode allows. ECB is one
-call; CBC decryption is one ECB call plus one XOR with the shifted ciphertext; XTS is done by
-hand from two ECB calls (the tweaks of every sector at once, then the data) and two XORs, which
-is 2-3x faster here than one library XTS call per sector. CBC encryption and CTR are chained
-per sector, one call each.
+Speed: a run of sectors is processed in a few whole-buffer calls, with no Python loop over
+sectors or blocks: numpy makes the IVs, XTS tweaks and CTR counters of every sector at once
+and does the XORs; OpenSSL does ECB over the whole run. XTS is two ECB calls (tweaks, data)
+and two XORs; CBC decryption one ECB call and two XORs; CBC encryption, chained within a
+sector, one ECB call per block position across all sectors (in block-major order; short runs
+one CBC call per sector); CTR one ECB call over the counters and an XOR. Long runs go in
+1 MiB pieces (cache-sized scratch).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography.exceptions import UnsupportedAlgorithm
+import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherAlgorithm, algorithms, modes
 
 from imgfs.errors import InvalidRequest, Unsupported
@@ -29,8 +31,9 @@ try:  # cryptography >= 43 keeps CAST5 among the "decrepit" ciphers
 except ImportError:  # pragma: no cover - older cryptography
     CAST5 = algorithms.CAST5  # type: ignore[attr-defined,misc]
 
-SECTOR = 512
+SECTOR = 512  # LUKS1 and qcow encrypt 512-byte sectors, whatever the guest's
 SECTOR_BITS = 9
+assert SECTOR % 16 == 0  # whole cipher blocks: XTS never needs ciphertext stealing
 
 # QEMU's cipher names -> (family, key bytes). Families the cryptography package lacks are still
 # listed so the error names them as unsupported rather than unknown.
@@ -127,14 +130,6 @@ def _algorithm(alg: str, key: bytes) -> CipherAlgorithm:
     return factory(key)
 
 
-def _has_ctr(alg: CipherAlgorithm) -> bool:
-    try:
-        Cipher(alg, modes.CTR(bytes(alg.block_size // 8))).encryptor()
-    except UnsupportedAlgorithm:
-        return False
-    return True
-
-
 def essiv_alg(alg: str, ivgen_hash: str) -> str:
     """The cipher ESSIV encrypts sector numbers with: the same family keyed by the hash of the
     key, so its key size is the hash's digest size (QEMU's rule)."""
@@ -149,14 +144,24 @@ def essiv_alg(alg: str, ivgen_hash: str) -> str:
         ) from None
 
 
-def _xor(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bytes:
-    n = len(a)
-    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(n, "little")
+class _EcbContexts(threading.local):
+    """One thread's ECB contexts of a :class:`SectorCipher`, made on its first use there and
+    then reused: ECB keeps no state between whole-block updates, and a new context costs
+    ~2 us, a good part of a 4 KiB request."""
+
+    def __init__(
+        self, data: Cipher[modes.ECB], tweak: Cipher[modes.ECB] | None,
+        essiv: Cipher[modes.ECB] | None,
+    ) -> None:  # fmt: skip
+        self.encrypt = data.encryptor()
+        self.decrypt = data.decryptor()
+        self.tweak = tweak.encryptor() if tweak is not None else None
+        self.essiv = essiv.encryptor() if essiv is not None else None
 
 
 class SectorCipher:
     """Encrypts and decrypts runs of whole 512-byte sectors, sector ``s`` chained from the IV
-    of sector number ``s``. Thread-safe: every call makes its own cipher contexts."""
+    of sector number ``s``. Thread-safe: cipher contexts and scratch buffers are per thread."""
 
     def __init__(self, spec: CipherSpec, key: bytes) -> None:
         spec.validate()
@@ -168,7 +173,6 @@ class SectorCipher:
         self._alg = _algorithm(spec.alg, self._key)
         self.block = self._alg.block_size // 8
         self._ecb = Cipher(self._alg, modes.ECB())
-        self._native_ctr = spec.mode != "ctr" or _has_ctr(self._alg)
         # XTS: the second half of the key encrypts the tweaks.
         self._tweak_ecb = (
             Cipher(_algorithm(spec.alg, key[half:]), modes.ECB()) if spec.mode == "xts" else None
@@ -180,43 +184,45 @@ class SectorCipher:
             self._essiv_ecb = Cipher(
                 _algorithm(essiv_alg(spec.alg, spec.ivgen_hash), salt), modes.ECB()
             )
+        self._ctx = _EcbContexts(self._ecb, self._tweak_ecb, self._essiv_ecb)
 
     # -- IVs ------------------------------------------------------------------------------------
 
     def ivs(self, sector: int, count: int) -> bytes:
         """The IVs of ``count`` sectors from ``sector``, one cipher block each."""
-        block = self.block
+        return self._iv_words(sector, count).tobytes()
+
+    def _iv_words(self, sector: int, count: int) -> np.ndarray:
+        """The IVs as a (count, block / 8) array of little-endian 64-bit words: the sector
+        number (its low 32 bits for ``plain``) zero-padded to a block, or its ESSIV
+        encryption. 64-bit block ciphers take the number's low 8 bytes."""
+        numbers = np.arange(count, dtype=U64)
+        numbers += np.uint64(sector & MASK64)  # array arithmetic wraps modulo 2^64
         if self.spec.ivgen == "plain":
-            width, mask = 4, 0xFFFFFFFF
+            numbers &= np.uint64(0xFFFFFFFF)
+        words = self.block // 8
+        if words == 1:
+            ivs = numbers.reshape(count, 1)
         else:
-            width, mask = 8, 0xFFFFFFFFFFFFFFFF
-        pad = bytes(block - width) if block > width else b""
-        if block < width:  # 64-bit block ciphers take the low bytes
-            width = block
-            mask = (1 << (8 * block)) - 1
-        first, last = sector & mask, (sector + count - 1) & mask
-        if last - first == count - 1:
-            # No wrap-around: every block is first + k, little-endian, made as one integer
-            # (lanes of ``block`` bytes) instead of one small bytes object per sector.
-            ramp, ones = _ramp(count, block)
-            out = (first * ones + ramp).to_bytes(block * count, "little")
-        else:
-            out = b"".join(
-                ((s & mask).to_bytes(width, "little") + pad) for s in range(sector, sector + count)
-            )
-        if self._essiv_ecb is not None:
-            out = self._essiv_ecb.encryptor().update(out)
-        return out
+            ivs = np.zeros((count, words), U64)
+            ivs[:, 0] = numbers
+        essiv = self._ctx.essiv
+        if essiv is not None:
+            encrypted = essiv.update(ivs.view(np.uint8))
+            ivs = np.frombuffer(encrypted, U64).reshape(count, words)
+        return ivs
 
     # -- data -----------------------------------------------------------------------------------
 
-    def decrypt(self, data: bytes | bytearray | memoryview, sector: int) -> bytes:
+    def decrypt(self, data: bytes | bytearray | memoryview, sector: int) -> bytes | bytearray:
         return self._run(data, sector, encrypt=False)
 
-    def encrypt(self, data: bytes | bytearray | memoryview, sector: int) -> bytes:
+    def encrypt(self, data: bytes | bytearray | memoryview, sector: int) -> bytes | bytearray:
         return self._run(data, sector, encrypt=True)
 
-    def _run(self, data: bytes | bytearray | memoryview, sector: int, encrypt: bool) -> bytes:
+    def _run(
+        self, data: bytes | bytearray | memoryview, sector: int, encrypt: bool
+    ) -> bytes | bytearray:
         n = len(data)
         if n % SECTOR:
             raise InvalidRequest(f"encrypted I/O of {n} bytes is not whole sectors")
@@ -224,187 +230,209 @@ class SectorCipher:
             return b""
         mode = self.spec.mode
         if mode == "ecb":
-            ctx = self._ecb.encryptor() if encrypt else self._ecb.decryptor()
+            ctx = self._ctx.encrypt if encrypt else self._ctx.decrypt
             return ctx.update(data)
-        count = n >> SECTOR_BITS
-        ivs = self.ivs(sector, count)
-        if mode == "xts":
-            return self._xts(data, ivs, count, encrypt)
-        if mode == "cbc" and not encrypt:
-            return self._cbc_decrypt(data, ivs, count)
-        if mode == "ctr" and not self._native_ctr:
-            return self._ctr_by_hand(data, ivs, count)
-        # CBC encryption and CTR chain through each sector: one call per sector.
-        out = bytearray(n)
-        view = memoryview(data)
-        b = self.block
-        make = modes.CBC if mode == "cbc" else modes.CTR
-        for i in range(count):
-            c = Cipher(self._alg, make(ivs[i * b : (i + 1) * b]))
-            ctx = c.encryptor() if encrypt else c.decryptor()
-            out[i * SECTOR : (i + 1) * SECTOR] = ctx.update(view[i * SECTOR : (i + 1) * SECTOR])
-        return bytes(out)
-
-    def _cbc_decrypt(
-        self, data: bytes | bytearray | memoryview, ivs: bytes, count: int
-    ) -> bytearray:
-        """One CBC decryption of the whole run, as if it were one chain: right everywhere but
-        in the first block of each sector after the first, which was XORed with the previous
-        sector's last ciphertext block instead of its IV. Those blocks are then fixed at once
-        (gathered, XORed with both, scattered back)."""
-        b = self.block
-        n = len(data)
-        out = bytearray(n + b)
-        Cipher(self._alg, modes.CBC(ivs[:b])).decryptor().update_into(data, out)
+        # update_into wants a block of slack after the output; it is cut off once every
+        # numpy view of the buffer is gone (a bytearray with exports cannot shrink).
+        out = bytearray(n + 16)
+        self._run_into(data, out, sector, n >> SECTOR_BITS, encrypt)
         del out[n:]
-        if count == 1:
-            return out
-        w = b // 8  # 64-bit words per block
-        per = SECTOR // 8  # words per sector
-        oq = memoryview(out).cast("Q")
-        dq = memoryview(data).cast("B").cast("Q")
-        firsts = bytearray(b * (count - 1))
-        prevs = bytearray(b * (count - 1))
-        fq, pq = memoryview(firsts).cast("Q"), memoryview(prevs).cast("Q")
-        for k in range(w):
-            fq[k::w] = oq[per + k :: per]
-            pq[k::w] = dq[per - w + k : n // 8 - w : per]
-        fixed = int.from_bytes(firsts, "little") ^ int.from_bytes(prevs, "little")
-        fixed ^= int.from_bytes(ivs[b:], "little")
-        xq = memoryview(fixed.to_bytes(len(firsts), "little")).cast("Q")
-        for k in range(w):
-            oq[per + k :: per] = xq[k::w]
         return out
 
-    def _ctr_by_hand(self, data: bytes | bytearray | memoryview, ivs: bytes, count: int) -> bytes:
-        """CTR for ciphers OpenSSL has no CTR mode of (CAST5): the keystream is the ECB
-        encryption of each sector's IV counted up as a big-endian integer per block."""
-        b = self.block
-        mask = (1 << (8 * b)) - 1
-        per_sector = SECTOR // b
-        counters = b"".join(
-            ((base + j) & mask).to_bytes(b, "big")
-            for i in range(count)
-            for base in (int.from_bytes(ivs[i * b : (i + 1) * b], "big"),)
-            for j in range(per_sector)
-        )
-        stream = self._ecb.encryptor().update(counters)
-        return _xor(data, stream)
+    def _run_into(
+        self, data: bytes | bytearray | memoryview, out: bytearray, sector: int, count: int,
+        encrypt: bool,
+    ) -> None:  # fmt: skip
+        """The run in pieces of at most RUN_SECTORS: their scratch buffers stay in the CPU's
+        caches (bigger pieces cost more per byte) and bounded."""
+        mode = self.spec.mode
+        if mode == "xts":
+            piece = self._xts
+        elif mode == "ctr":
+            piece = self._ctr
+        else:
+            piece = self._cbc_encrypt if encrypt else self._cbc_decrypt
+        src = memoryview(data).cast("B")
+        dst = memoryview(out)
+        for first in range(0, count, RUN_SECTORS):
+            k = min(RUN_SECTORS, count - first)
+            start, end = first * SECTOR, (first + k) * SECTOR
+            piece(src[start:end], dst[start : end + 16], sector + first, k, encrypt)
+
+    def _views(
+        self, data: memoryview, out: memoryview, count: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``data`` and ``out`` as (sector, block, word) arrays of 64-bit words."""
+        shape = (count, SECTOR // self.block, self.block // 8)
+        src = np.frombuffer(data, U64, count=count * SECTOR_WORDS).reshape(shape)
+        dst = np.frombuffer(out, U64, count=count * SECTOR_WORDS).reshape(shape)
+        return src, dst
 
     def _xts(
-        self, data: bytes | bytearray | memoryview, ivs: bytes, count: int, encrypt: bool
-    ) -> bytearray:
+        self, data: memoryview, out: memoryview, sector: int, count: int, encrypt: bool
+    ) -> None:
         """IEEE 1619 XTS over 512-byte data units (32 blocks, so no ciphertext stealing):
         block j of a sector is E(P xor T_j) xor T_j with T_j = T_0 * alpha^j in GF(2^128),
-        T_0 the encrypted IV.
+        T_0 the IV encrypted with the second key. All sectors at once: one ECB call makes
+        every T_0, numpy the 32 multiples of each (:func:`xts_tweaks`) and the two XORs, one
+        ECB call with the data key does the whole piece in place."""
+        contexts = self._ctx
+        assert contexts.tweak is not None
+        n = count * SECTOR
+        src, dst = self._views(data, out, count)
+        t0 = contexts.tweak.update(self._iv_words(sector, count).view(np.uint8))
+        tweaks = _scratch_words(count * SECTOR_WORDS).reshape(src.shape)
+        xts_tweaks(np.frombuffer(t0, U64).reshape(count, 2), tweaks)
+        np.bitwise_xor(src, tweaks, out=dst)
+        ctx = contexts.encrypt if encrypt else contexts.decrypt
+        ctx.update_into(out[:n], out)  # in place: ECB allows it
+        dst ^= tweaks
 
-        Done in a few whole-buffer OpenSSL calls, because one library call per sector costs
-        ~9 us of Python overhead. The XORs with the tweaks are CBC decryptions: decrypting the
-        block pair (T, E(X)) yields D(E(X)) xor T = X xor T in its second block. So the
-        tweaks are laid out in the even blocks of a buffer of pairs, the data (encrypted once
-        more) in the odd blocks, and CBC decryption XORs them; a second pass with the data
-        key does "decrypt, then XOR" in one go."""
-        assert self._tweak_ecb is not None
-        n = len(data)
-        ecb = self._ecb
-        # Per-thread scratch buffers: fresh multi-MiB buffers cost more in page faults than
-        # the AES work. +16: update_into wants a block of slack.
-        pairs, scratch, work = _scratch(2 * n + 16, 2 * n + 16, n + 16)
-        pq = memoryview(pairs)[: 2 * n].cast("Q")  # (T, X) pairs
-        xts_tweaks(self._tweak_ecb.encryptor().update(ivs), count, pq, 4)
-        sq = memoryview(scratch)[: 2 * n].cast("Q")
-        sv = memoryview(scratch)[: 2 * n]
-        wq = memoryview(work)[:n].cast("Q")
-        ecb.encryptor().update_into(data, work)  # E(X): its CBC decryption is X again
-        pq[2::4] = wq[0::2]
-        pq[3::4] = wq[1::2]
-        cbc = Cipher(self._alg, modes.CBC(bytes(16)))
-        cbc.decryptor().update_into(memoryview(pairs)[: 2 * n], scratch)  # odd: X xor T
-        out = bytearray(n)
-        oq = memoryview(out).cast("Q")
-        if encrypt:
-            # C = E(V) xor T with V = P xor T: pair T with E(E(V)).
-            wq[0::2] = sq[2::4]
-            wq[1::2] = sq[3::4]
-            ctx = ecb.encryptor()
-            ctx.update_into(memoryview(work)[:n], work)  # in place: ECB allows it
-            ctx.update_into(memoryview(work)[:n], work)
-            pq[2::4] = wq[0::2]
-            pq[3::4] = wq[1::2]
-            cbc.decryptor().update_into(memoryview(pairs)[: 2 * n], scratch)
-        else:
-            # P = D(W) xor T with W = C xor T: CBC decryption of the pairs (T, W).
-            sq[0::4] = pq[0::4]
-            sq[1::4] = pq[1::4]
-            cbc.decryptor().update_into(sv, pairs)
-            sq = pq
-        oq[0::2] = sq[2::4]
-        oq[1::2] = sq[3::4]
-        return out
+    def _cbc_decrypt(
+        self, data: memoryview, out: memoryview, sector: int, count: int, encrypt: bool
+    ) -> None:
+        """CBC decryption has no chain: one ECB decryption of the run, then every block XORed
+        with the ciphertext block before it, or its sector's IV for a sector's first."""
+        src, dst = self._views(data, out, count)
+        self._ctx.decrypt.update_into(data, out)
+        dst[:, 1:] ^= src[:, :-1]
+        dst[:, 0] ^= self._iv_words(sector, count)
 
+    def _cbc_encrypt(
+        self, data: memoryview, out: memoryview, sector: int, count: int, encrypt: bool
+    ) -> None:
+        """CBC encryption chains through a sector, but sectors are independent: the run is
+        transposed to block-major order (all sectors' first blocks, then all second blocks...)
+        and each row is one ECB call after XORing it with the row before (the IVs for the
+        first). Short runs, where those per-row calls cost more, are chained instead."""
+        b = self.block
+        per = SECTOR // b
+        if count < CBC_ROWS_MIN_SECTORS * per // 32:
+            self._cbc_encrypt_chained(data, out, sector, count)
+            return
+        src, dst = self._views(data, out, count)
+        work = _scratch_words(count * SECTOR_WORDS + 2)  # +16 bytes: update_into's slack
+        rows = work[: count * SECTOR_WORDS].reshape(per, count, b // 8)
+        rows[...] = src.transpose(1, 0, 2)
+        rows[0] ^= self._iv_words(sector, count)
+        raw = memoryview(work.view(np.uint8))
+        row_bytes = count * b
+        ctx = self._ctx.encrypt
+        for j in range(per):
+            if j:
+                rows[j] ^= rows[j - 1]
+            ctx.update_into(raw[j * row_bytes : (j + 1) * row_bytes], raw[j * row_bytes :])
+        dst[...] = rows.transpose(1, 0, 2)
+
+    def _cbc_encrypt_chained(
+        self, data: memoryview, out: memoryview, sector: int, count: int
+    ) -> None:
+        """Short runs as one CBC chain through every sector: a sector's first block is XORed
+        with its IV and with the previous sector's last ciphertext block, which undoes the
+        chaining across the boundary (one context instead of one per sector)."""
+        b = self.block
+        ivs = self.ivs(sector, count)
+        ctx = Cipher(self._alg, modes.CBC(ivs[:b])).encryptor()
+        block = bytearray(b)
+        for i in range(count):
+            start = i * SECTOR
+            if i:
+                fix = int.from_bytes(ivs[i * b : (i + 1) * b], "little")
+                fix ^= int.from_bytes(out[start - b : start], "little")
+                fix ^= int.from_bytes(data[start : start + b], "little")
+                block[:] = fix.to_bytes(b, "little")
+                ctx.update_into(block, out[start:])
+                ctx.update_into(data[start + b : start + SECTOR], out[start + b :])
+            else:
+                ctx.update_into(data[:SECTOR], out)
+
+    def _ctr(
+        self, data: memoryview, out: memoryview, sector: int, count: int, encrypt: bool
+    ) -> None:
+        """CTR: block j of a sector is XORed with the encryption of its IV plus j, the IV
+        counted as one big-endian integer of a block's width (as OpenSSL and nettle count).
+        All counters of the run are made at once, encrypted in one ECB call."""
+        b = self.block
+        per = SECTOR // b
+        src, dst = self._views(data, out, count)
+        counters = _scratch_words(count * SECTOR_WORDS).reshape(src.shape).view(">u8")
+        start = self._iv_words(sector, count).byteswap()  # the IVs' big-endian words
+        steps = np.arange(per, dtype=U64)
+        low = start[:, -1:] + steps  # wraps modulo 2^64
+        counters[:, :, -1] = low
+        if b == 16:
+            high = start[:, :1] + (low < start[:, -1:])  # carry into the high word
+            counters[:, :, 0] = high
+        self._ctx.encrypt.update_into(counters.view(np.uint8), out)
+        dst ^= src
+
+
+SECTOR_WORDS = SECTOR // 8
+RUN_SECTORS = 2048  # 1 MiB pieces
+MASK64 = (1 << 64) - 1
+U64 = np.dtype("<u8")
+# Below this many sectors, one CBC chain through the run (a few small calls per sector) costs
+# less than one ECB call per block position (32 of them for AES) in block-major order.
+CBC_ROWS_MIN_SECTORS = 20  # for 32 blocks a sector; twice that for 64-bit blocks
 
 _LOCAL = threading.local()
-SCRATCH_CACHE_MAX = 8 * 1024 * 1024  # bigger requests get fresh buffers
 
 
-def _scratch(*sizes: int) -> list[bytearray]:
-    """Buffers of at least ``sizes`` bytes (contents undefined), kept per thread."""
-    if sum(sizes) > 3 * SCRATCH_CACHE_MAX:
-        return [bytearray(n) for n in sizes]
-    bufs: list[bytearray] | None = getattr(_LOCAL, "bufs", None)
-    if bufs is None or len(bufs) != len(sizes):
-        bufs = _LOCAL.bufs = [bytearray() for _ in sizes]
-    for i, n in enumerate(sizes):
-        if len(bufs[i]) < n:
-            bufs[i] = bytearray(n)
-    return bufs
+def _scratch_words(count: int) -> np.ndarray:
+    """A buffer of ``count`` 64-bit words (contents undefined), kept per thread: a fresh
+    buffer of a MiB costs more in page faults than the AES work. Runs are cut into pieces of
+    RUN_SECTORS, so it never grows past one piece (and a block)."""
+    buf: np.ndarray | None = getattr(_LOCAL, "words", None)
+    if buf is None or buf.size < count:
+        buf = _LOCAL.words = np.empty(count, U64)
+    return buf[:count]
 
 
-_RAMPS: dict[tuple[int, int], tuple[int, int]] = {}
+_1, _2, _7 = np.uint64(1), np.uint64(2), np.uint64(7)
+# Shift counts 0..w-1 (as a row to broadcast against a column of sectors) and 63 - those.
+_SHIFTS = {w: np.arange(w, dtype=U64).reshape(1, w) for w in (8, 32)}
+_RSHIFTS = {w: np.uint64(63) - shifts for w, shifts in _SHIFTS.items()}
+# From this many sectors, tweaks are made 8 at a time and multiplied by alpha^8 thrice: fewer
+# element operations than 32 at once, but more numpy calls.
+XTS_NARROW_MIN_SECTORS = 1024
 
 
-def _ramp(count: int, block: int) -> tuple[int, int]:
-    """(sum of k << (8 * block * k), sum of 1 << (8 * block * k)) for k < count: lane k of
-    ``first * ones + ramp`` is first + k."""
-    key = (count, block)
-    found = _RAMPS.get(key)
-    if found is None:
-        step = 8 * block
-        ones = int.from_bytes((b"\1" + bytes(block - 1)) * count, "little")
-        ramp = sum(k << (step * k) for k in range(count))
-        found = (ramp, ones)
-        if len(_RAMPS) > 64:
-            _RAMPS.clear()
-        _RAMPS[key] = found
-    return found
+def _fold_into(h: np.ndarray, tmp: np.ndarray, low: np.ndarray) -> None:
+    """low ^= h * (x^7 + x^2 + x + 1) carry-less: bits h shifted past x^127 fold back so, as
+    x^128 = x^7 + x^2 + x + 1 in GF(2^128). ``tmp`` is scratch of h's shape."""
+    low ^= h
+    for k in (_1, _2, _7):
+        np.left_shift(h, k, out=tmp)
+        low ^= tmp
 
 
-_TOP_MASKS: dict[int, tuple[int, int]] = {}
+def xts_tweaks(t0: np.ndarray, out: np.ndarray) -> None:
+    """The 32 tweaks T_j = T_0 * alpha^j of each sector: ``t0`` is (count, 2) words (low,
+    high) of little-endian GF(2^128) elements, ``out`` a (count, 32, 2) array.
 
-
-def _lane_masks(count: int) -> tuple[int, int]:
-    masks = _TOP_MASKS.get(count)
-    if masks is None:
-        top = int.from_bytes((bytes(15) + b"\x80") * count, "little")
-        masks = (top, ~top & ((1 << (128 * count)) - 1))
-        if len(_TOP_MASKS) > 64:
-            _TOP_MASKS.clear()
-        _TOP_MASKS[count] = masks
-    return masks
-
-
-def xts_tweaks(t0: bytes, count: int, out: memoryview, stride: int) -> None:
-    """Write the 32 tweaks of each of ``count`` sectors into ``out`` (a view of 64-bit words;
-    block b of the run at words ``b * stride`` and ``b * stride + 1``), from the sectors' first
-    tweaks ``t0`` (``count`` x 16 bytes, little-endian GF(2^128) elements). Made block position
-    by block position over all sectors at once, as big integers holding every sector's lane."""
-    lanes = int.from_bytes(t0, "little")
-    top, rest = _lane_masks(count)
-    per_sector = SECTOR // 16 * stride
-    for j in range(SECTOR // 16):
-        words = memoryview(lanes.to_bytes(16 * count, "little")).cast("Q")
-        out[j * stride :: per_sector] = words[0::2]
-        out[j * stride + 1 :: per_sector] = words[1::2]
-        # Multiply every lane by alpha: shift left one bit, folding bit 127 back as 0x87.
-        high = lanes & top
-        lanes = ((lanes & rest) << 1) ^ ((high >> 127) * 0x87)
+    T_0 * alpha^j is T_0 shifted left by j bits with the j bits pushed out of the top folded
+    back into the low word. That is done for w block positions at once (broadcasting a column
+    of sectors against a row of shift counts), then, for w = 8, repeated on the result with
+    shifts by 8 for the next 8 positions."""
+    w = 8 if t0.shape[0] >= XTS_NARROW_MIN_SECTORS else 32
+    shifts, rshifts = _SHIFTS[w], _RSHIFTS[w]
+    lo, hi = t0[:, 0:1], t0[:, 1:2]
+    # (x >> 1) >> (63 - j) is x >> (64 - j), also for j = 0 where a shift by 64 is undefined.
+    low = lo << shifts
+    high = hi << shifts
+    tmp = (lo >> _1) >> rshifts
+    high |= tmp
+    pushed = (hi >> _1) >> rshifts
+    _fold_into(pushed, tmp, low)
+    out[:, 0:w, 0] = low
+    out[:, 0:w, 1] = high
+    by, rest = np.uint64(w), np.uint64(64 - w)
+    for j in range(w, 32, w):
+        np.right_shift(high, rest, out=pushed)
+        high <<= by
+        np.right_shift(low, rest, out=tmp)
+        high |= tmp
+        low <<= by
+        _fold_into(pushed, tmp, low)
+        out[:, j : j + w, 0] = low
+        out[:, j : j + w, 1] = high
