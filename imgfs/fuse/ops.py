@@ -388,6 +388,9 @@ class ImageFS(pyfuse3.Operations):
                 driver_options=self.options.driver_options,
                 snapshot=entry.snapshot,
                 keys=self.options.keys,
+                # A snapshot view shares writing (qemu-img -U): writes to the active image copy
+                # shared clusters first, so they never change what the view reads.
+                force_share=entry.snapshot is not None,
             )
         )
         disk.detect_zeroes = self.options.detect_zeroes

@@ -345,3 +345,34 @@ def test_cli_info_of_an_image_a_mount_writes(images: Path, mount) -> None:
         assert r.returncode == 1 and SHARED_WRITE_LOCKED in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
         assert run_imgfs("info", "-U", str(image)).returncode == 0
+
+
+# -- imgfs snapshot ------------------------------------------------------------------------------
+
+
+def test_snapshot_command_refused_while_qemu_writes_the_image(tmp_path: Path, qemu_io_holding):
+    image = qcow2(tmp_path / "vm.qcow2")
+    q = qemu_io_holding("-f", "qcow2", str(image))
+    r = run_imgfs("snapshot", "-c", "x", str(image))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "lock" in r.stderr, r.stderr
+    q.close()
+    run_imgfs("snapshot", "-c", "x", str(image), check=True)
+    assert "x" in qemu_img("snapshot", "-l", str(image)).stdout
+
+
+def test_snapshot_refused_while_a_mount_writes_and_views_do_not_block_writes(
+    images: Path, mount
+) -> None:
+    """While NAME.raw is open for writing, neither imgfs snapshot nor qemu-img snapshot may
+    change the table; a snapshot view (NAME@SNAP.raw) open beside it does not stop writes."""
+    image = qcow2(images / "vm.qcow2")
+    run_imgfs("snapshot", "-c", "before", str(image), check=True)
+    m = mount(images)
+    with open(m.path / "vm.qcow2@before.raw", "rb") as view, open(m.file("vm.qcow2"), "r+b") as f:
+        f.write(b"y" * 4096)
+        os.fsync(f.fileno())
+        r = run_imgfs("snapshot", "-c", "during", str(image))
+        assert r.returncode == 1 and "lock" in r.stderr, r.stderr
+        r = qemu_img("snapshot", "-c", "during", str(image))
+        assert r.returncode != 0 and "lock" in r.stderr, r.stderr
+        assert view.read(4096) == bytes(4096)  # the snapshot still reads as it was

@@ -41,7 +41,8 @@ def qemu_io(image: Path, *commands: str, fmt: str | None = None) -> None:
 
 def data_runs(image: Path, fmt: str | None = None) -> list[tuple[int, int]]:
     """qemu-img map's data ranges (merged), as (start, end): what SEEK_DATA/SEEK_HOLE must find."""
-    args = ["map", "--output=json"] + (["-f", fmt] if fmt else []) + [str(image)]
+    # -U: the test holds the image open through imgfs, which takes QEMU's image locks
+    args = ["map", "-U", "--output=json"] + (["-f", fmt] if fmt else []) + [str(image)]
     runs: list[tuple[int, int]] = []
     for e in json.loads(qemu_img(*args).stdout):
         if e["data"] and not e["zero"]:
