@@ -88,7 +88,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from imgfs.cli import setup_logging, split_mount_options
     from imgfs.errors import UsageError
-    from imgfs.fuse.mount import check_direct_io, check_images_dir
+    from imgfs.fuse.mount import check_direct_io, check_images_dir, keep_request_buffers_in_heap
     from imgfs.nbd.server import ServeOptions, parse_listen, serve
 
     if args.aio_threads < 1 or args.max_connections < 1:
@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if options.cache.direct:
         check_direct_io(args.images_dir)
     setup_logging(to_stderr=True, log_file=args.log, debug=args.debug)
+    keep_request_buffers_in_heap()
 
     def ready(bound: str) -> None:
         print(f"imgfs: listening on {bound}", file=sys.stderr, flush=True)
