@@ -182,8 +182,8 @@ def report(copy: list[dict[str, object]], trim: dict[str, int] | None, size: int
         "# Holes: copy time with and without SEEK_DATA/SEEK_HOLE, and guest trim",
         "",
         f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `bench/holes.py` on the "
-        f"shared 2-core machine (load average {load[0]:.1f} at the end: other helpers were "
-        "running tests, so absolute times are noisy; the ratio is the point). Kernel "
+        f"2-core machine (load average {load[0]:.1f} at the end; above ~1.5 other work shared "
+        "the machine and absolute times are noisy: the ratio is the point). Kernel "
         f"{os.uname().release}, pyfuse3 with third_party/pyfuse3's patch.",
         "",
         f"## Copying a {size // GiB} GiB exported qcow2 holding {RUNS} × 2 MiB of data",
