@@ -114,8 +114,8 @@ venv: deps $(VENV_STAMP)
 demo: venv umount
 	@contrib/make-demo-images.sh $(DEMO_IMAGES)
 	mkdir -p $(MNT)
-	echo "+ $(VBIN)/imgfs mount $(DEMO_IMAGES) $(MNT)"
-	$(VBIN)/imgfs mount $(DEMO_IMAGES) $(MNT)
+	echo "+ $(VBIN)/imgfs mount --key-dir $(DEMO_IMAGES) $(DEMO_IMAGES) $(MNT)"
+	$(VBIN)/imgfs mount --key-dir $(DEMO_IMAGES) $(DEMO_IMAGES) $(MNT)
 	echo "+ ls -l $(MNT)"
 	ls -l $(MNT)
 	printf '\n%s\n\n' "$(DEMO_IMAGES) is mounted on ./$(MNT): each image NAME shows up as $(MNT)/NAME.raw. Try:"

@@ -7,6 +7,9 @@
 #   disk.img   64 MiB raw disk: MBR partition table (sfdisk), partition 1 = ext4 labelled
 #              "imgfs-demo" holding README.txt, data.bin (1 MiB random) and SHA256SUMS
 #   blank.raw  1 GiB raw, empty and sparse
+#   disk.* in every other format imgfs writes or reads, disk-snap.qcow2 (an internal snapshot),
+#   disk-luks.qcow2 (encrypted; passphrase "demo" in disk-luks.qcow2.key: mount with
+#   --key-dir DIR) and share.vvfat/ (a directory exported as a FAT32 disk)
 #
 # An image that already exists is kept (delete it, or DIR, to make it again). Each one is built
 # under a temporary name and renamed when complete, so an interrupted run leaves no half image.
@@ -105,9 +108,25 @@ make_image disk.vhdx      convert_to vhdx
 make_image disk.vdi       convert_to vdi
 make_image disk.qed       convert_to qed
 make_image disk.hds       convert_to parallels
-# make_image disk.luks      convert_to luks --object secret,id=k,data=demo -o key-secret=k
-#                           # add when the luks driver lands; qemu-img sometimes fails to create
-#                           # LUKS images ("Unable to get accurate CPU usage"): retry it
+# An internal snapshot: mounted, disk-snap.qcow2@installed.raw appears beside disk-snap.qcow2.raw.
+make_image disk-snap.qcow2 sh -c 'qemu-img convert -f raw -O qcow2 "$0" "$1" &&
+    qemu-img snapshot -c installed "$1"' "$dir/disk.img"
+# Encrypted (LUKS inside qcow2); the passphrase file beside it is found by `--key-dir DIR`.
+# qemu-img sometimes fails to create LUKS images ("Unable to get accurate CPU usage"): retried.
+[ -e "$dir/disk-luks.qcow2.key" ] || printf '%s' demo > "$dir/disk-luks.qcow2.key"
+make_luks() {
+    local try
+    for try in 1 2 3 4 5; do
+        if qemu-img convert -f raw -O qcow2 --object "secret,id=k,file=$dir/disk-luks.qcow2.key" \
+            -o encrypt.format=luks,encrypt.key-secret=k,encrypt.iter-time=100 "$dir/disk.img" "$1" \
+            2>/dev/null; then
+            return 0
+        fi
+    done
+    echo "qemu-img could not create the LUKS demo image" >&2
+    return 1
+}
+make_image disk-luks.qcow2 make_luks
 #
 # qemu-img cannot write cloop, bochs, UML cow or dmg images: their own tools make them. The cow
 # file is an overlay on a copy of disk.img (imgfs exports a base image read-only, and disk.img
@@ -121,3 +140,6 @@ corpus=$(dirname "$0")/../../shared/corpus
 if [ -f "$corpus/dmg/node-udif/compression-zlib.dmg" ]; then
     make_image sample.dmg cp "$corpus/dmg/node-udif/compression-zlib.dmg"
 fi
+# A host directory shown as a FAT32 disk (vvfat): share.vvfat.raw.
+make_image share.vvfat sh -c 'mkdir -p "$1/docs" && printf "hello from a host directory\n" \
+    > "$1/hello.txt" && cp "$0" "$1/docs/"' "$(dirname "$0")/../README.md"
