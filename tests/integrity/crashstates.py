@@ -342,6 +342,12 @@ class Subject:
     dirty_state: Callable[[list[str]], bool] | None = None
     leaks_repairable: bool = True  # qed: neither qemu nor imgfs can reclaim leaked clusters
     extra_files: tuple[str, ...] = ()  # read-only files beside it (a backing file)
+    # Run on the image directory after the prefill, before the recorded workload (e.g. take an
+    # internal snapshot, so the workload's writes copy clusters shared with it).
+    after_prefill: Callable[[Path], None] | None = None
+    # An internal snapshot taken by after_prefill: in every crash state it must still read as
+    # the prefilled image did, through imgfs and through qemu.
+    snapshot: str | None = None
 
 
 @dataclass
@@ -390,6 +396,8 @@ def check_state(
     bad = classify(data, base_raw, allowed)
     if bad:
         problems.append(f"read through imgfs: {bad}")
+    if subject.snapshot is not None:
+        problems += _check_snapshot(subject, image, base_raw, qemu_read)
     if subject.qemu_fmt is None:
         if imgfs_check is not None and (imgfs_check.corruptions or imgfs_check.check_errors):
             problems.append(f"imgfs check: {imgfs_check.messages[:3]}")
@@ -428,6 +436,34 @@ def check_state(
             f"qemu-img check exit {check.returncode}: {(check.stdout + check.stderr)[-600:]}"
         )
     return problems
+
+
+def _check_snapshot(subject: Subject, image: Path, base_raw: bytes, qemu_read: bool) -> list[str]:
+    """The snapshot taken before the workload still holds exactly the prefilled image."""
+    assert subject.snapshot is not None
+    try:
+        view = open_disk(str(image), subject.fmt, read_only=True, snapshot=subject.snapshot)
+        try:
+            data = bytes(view.read(0, len(base_raw)))
+        finally:
+            view.close()
+    except ImgfsError as e:
+        return [f"imgfs cannot open snapshot {subject.snapshot!r}: {e}"]
+    if data != base_raw:
+        return [f"snapshot {subject.snapshot!r} changed (read through imgfs)"]
+    if qemu_read and subject.qemu_fmt is not None:
+        raw = image.with_name(image.name + ".snap.raw")
+        conv = qemu_img(
+            "convert", "-f", subject.qemu_fmt, "-l", f"snapshot.name={subject.snapshot}",
+            "-O", "raw", str(image), str(raw),
+        )  # fmt: skip
+        if conv.returncode != 0:
+            return [f"qemu-img convert of the snapshot failed: {conv.stderr.strip()}"]
+        changed = raw.read_bytes() != base_raw
+        raw.unlink()
+        if changed:
+            return [f"snapshot {subject.snapshot!r} changed (read through qemu)"]
+    return []
 
 
 def _check_qemu_read(
@@ -476,6 +512,8 @@ def run_crash_test(
         run_workload(disk, [op for op in prefill if op.kind != "flush"], None)
     finally:
         disk.close()
+    if subject.after_prefill is not None:
+        subject.after_prefill(work)
     base_files = image_files(work)
     base_dir = tmp / "base"
     shutil.copytree(work, base_dir)

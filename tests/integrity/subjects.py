@@ -41,6 +41,12 @@ def _parallels_in_use(errors: list[str]) -> bool:
     )
 
 
+def _snapshot_base(images: Path) -> None:
+    subprocess.run(
+        ["qemu-img", "snapshot", "-c", "base", str(images / "d.qcow2")], check=True, timeout=60
+    )
+
+
 def _make_cow(images: Path, size: int) -> None:
     backing = images / "cow-backing.img"
     # A backing file with recognisable content in every sector.
@@ -61,6 +67,17 @@ SUBJECTS: dict[str, Subject] = {
             "qcow2",
             _qemu_create("d.qcow2", "qcow2", "compat=0.10,cluster_size=512"),
             "qcow2",
+        ),
+        # Every cluster and L2 table of the prefill shared with a snapshot: the workload's
+        # writes copy them, and the snapshot must survive every crash state unchanged.
+        Subject(
+            "qcow2-snapshot",
+            "d.qcow2",
+            "qcow2",
+            _qemu_create("d.qcow2", "qcow2"),
+            "qcow2",
+            after_prefill=_snapshot_base,
+            snapshot="base",
         ),
         Subject("qcow", "d.qcow", "qcow", _qemu_create("d.qcow", "qcow"), "qcow"),
         Subject("qed", "d.qed", "qed", _qemu_create("d.qed", "qed"), "qed", leaks_repairable=False),
