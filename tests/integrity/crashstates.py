@@ -44,6 +44,7 @@ from imgfs.block.driver import CheckResult, RepairMode
 from imgfs.block.hostfile import CacheMode
 from imgfs.block.recording import MARK, MODIFYING, PUNCH, SYNC, TRUNCATE, WRITE, ZERO, HostOp
 from imgfs.errors import ImgfsError, Unsupported
+from imgfs.keys import KeyRing
 
 SECTOR = 512
 PAGE = 4096
@@ -348,6 +349,8 @@ class Subject:
     # An internal snapshot taken by after_prefill: in every crash state it must still read as
     # the prefilled image did, through imgfs and through qemu.
     snapshot: str | None = None
+    # The passphrase of an encrypted image (written to KEY_NAME beside the image directories).
+    key: bytes | None = None
 
 
 @dataclass
@@ -362,6 +365,36 @@ class Outcome:
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=120)
+
+
+KEY_NAME = "passphrase"
+
+
+def key_file_for(image: Path) -> Path:
+    """Where the passphrase of an encrypted subject lies: beside the directory of its image
+    (``work/``, ``base/`` and every ``stateN/`` share one)."""
+    return image.parent.parent / KEY_NAME
+
+
+def open_subject(subject: Subject, image: Path, **kwargs: object) -> Disk:
+    """open_disk of a subject's image, with its key when it is encrypted."""
+    keys = None
+    if subject.key is not None:
+        keys = KeyRing.single(str(image), str(key_file_for(image)))
+    return open_disk(str(image), subject.fmt, keys=keys, **kwargs)  # type: ignore[arg-type]
+
+
+def qemu_image(subject: Subject, image: Path, *extra: str) -> list[str]:
+    """qemu-img arguments naming the image (``extra`` goes before it): ``-f FMT IMAGE``, or
+    a secret object and ``--image-opts`` for an encrypted one."""
+    assert subject.qemu_fmt is not None
+    if subject.key is None:
+        return ["-f", subject.qemu_fmt, *extra, str(image)]
+    key_opt = "key-secret" if subject.qemu_fmt == "luks" else "encrypt.key-secret"
+    return [
+        "--object", f"secret,id=s0,file={key_file_for(image)}", *extra, "--image-opts",
+        f"driver={subject.qemu_fmt},file.filename={image},{key_opt}=s0",
+    ]  # fmt: skip
 
 
 def classify(data: bytes, base: bytes, allowed: list[set[int]]) -> str | None:
@@ -382,7 +415,7 @@ def check_state(
     """The problems with one crash state (empty when it passes)."""
     problems: list[str] = []
     try:
-        disk = open_disk(str(image), subject.fmt, read_only=True)
+        disk = open_subject(subject, image, read_only=True)
         try:
             data = bytes(disk.read(0, len(base_raw)))
             try:
@@ -404,31 +437,34 @@ def check_state(
         return problems
     if qemu_read:
         problems += _check_qemu_read(subject, image, data, base_raw, allowed)
-    check = qemu_img("check", "-f", subject.qemu_fmt, str(image))
+    check = qemu_img("check", *qemu_image(subject, image))
     if check.returncode == 2 and subject.dirty_state is not None:
         errors = [ln for ln in (check.stdout + check.stderr).splitlines() if ln.startswith("ERROR")]
         if subject.dirty_state(errors):
-            disk = open_disk(str(image), subject.fmt)
+            disk = open_subject(subject, image)
             try:
                 disk.check(RepairMode.ALL)
             finally:
                 disk.close()
             problems.append("RECOVERED")
-            check = qemu_img("check", "-f", subject.qemu_fmt, str(image))
+            check = qemu_img("check", *qemu_image(subject, image))
     if check.returncode == 63:  # qemu has no check for it: imgfs's
         if imgfs_check is not None and (imgfs_check.corruptions or imgfs_check.check_errors):
             problems.append(f"imgfs check: {imgfs_check.messages[:3]}")
     elif check.returncode == 3:
-        disk = open_disk(str(image), subject.fmt)
+        disk = open_subject(subject, image)
         try:
             disk.check(RepairMode.LEAKS)
         finally:
             disk.close()
-        again = qemu_img("check", "-f", subject.qemu_fmt, str(image))
+        again = qemu_img("check", *qemu_image(subject, image))
         if again.returncode == 3 and not subject.leaks_repairable:
             problems.append("LEAKS-LEFT")
         elif again.returncode != 0:
-            problems.append(f"still not clean after imgfs check -r leaks: {again.stdout[-400:]}")
+            problems.append(
+                f"still not clean after imgfs check -r leaks (exit {again.returncode}): "
+                f"{(again.stdout + again.stderr)[-400:]}"
+            )
         else:
             problems.append("LEAKS-REPAIRED")  # not a failure: counted by the caller
     elif check.returncode != 0:
@@ -442,7 +478,7 @@ def _check_snapshot(subject: Subject, image: Path, base_raw: bytes, qemu_read: b
     """The snapshot taken before the workload still holds exactly the prefilled image."""
     assert subject.snapshot is not None
     try:
-        view = open_disk(str(image), subject.fmt, read_only=True, snapshot=subject.snapshot)
+        view = open_subject(subject, image, read_only=True, snapshot=subject.snapshot)
         try:
             data = bytes(view.read(0, len(base_raw)))
         finally:
@@ -453,10 +489,8 @@ def _check_snapshot(subject: Subject, image: Path, base_raw: bytes, qemu_read: b
         return [f"snapshot {subject.snapshot!r} changed (read through imgfs)"]
     if qemu_read and subject.qemu_fmt is not None:
         raw = image.with_name(image.name + ".snap.raw")
-        conv = qemu_img(
-            "convert", "-f", subject.qemu_fmt, "-l", f"snapshot.name={subject.snapshot}",
-            "-O", "raw", str(image), str(raw),
-        )  # fmt: skip
+        snap = ("-l", f"snapshot.name={subject.snapshot}")
+        conv = qemu_img("convert", *qemu_image(subject, image, *snap), "-O", "raw", str(raw))
         if conv.returncode != 0:
             return [f"qemu-img convert of the snapshot failed: {conv.stderr.strip()}"]
         changed = raw.read_bytes() != base_raw
@@ -472,7 +506,7 @@ def _check_qemu_read(
     """qemu-img convert's view: allowed per sector, and the same bytes imgfs read."""
     assert subject.qemu_fmt is not None
     raw = image.with_name(image.name + ".qemu.raw")
-    conv = qemu_img("convert", "-f", subject.qemu_fmt, "-O", "raw", str(image), str(raw))
+    conv = qemu_img("convert", *qemu_image(subject, image), "-O", "raw", str(raw))
     if conv.returncode != 0:
         return [f"qemu-img convert failed: {conv.stderr.strip()}"]
     qdata = raw.read_bytes()
@@ -505,9 +539,11 @@ def run_crash_test(
     states (fewer only if the log cannot produce that many)."""
     work = tmp / "work"
     work.mkdir(parents=True)
+    if subject.key is not None:
+        (tmp / KEY_NAME).write_bytes(subject.key)
     subject.make(work, size)
     prefill = plan_workload(size, 12, seed + 1000, first_version=1_000_000)
-    disk = open_disk(str(work / subject.filename), subject.fmt, cache=cache)
+    disk = open_subject(subject, work / subject.filename, cache=cache)
     try:
         run_workload(disk, [op for op in prefill if op.kind != "flush"], None)
     finally:
@@ -517,7 +553,7 @@ def run_crash_test(
     base_files = image_files(work)
     base_dir = tmp / "base"
     shutil.copytree(work, base_dir)
-    base_disk = open_disk(str(work / subject.filename), subject.fmt, read_only=True)
+    base_disk = open_subject(subject, work / subject.filename, read_only=True)
     try:
         base_raw = bytes(base_disk.read(0, size))
     finally:
@@ -526,7 +562,7 @@ def run_crash_test(
     plan = plan_workload(size, ops, seed)
     recorder = recording.Recorder()
     with recording.installed(recorder):
-        disk = open_disk(str(work / subject.filename), subject.fmt, cache=cache)
+        disk = open_subject(subject, work / subject.filename, cache=cache)
         try:
             run_workload(disk, plan, recorder)
         finally:

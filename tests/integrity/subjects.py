@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from imgfs.formats.cow import CowDriver
-from tests.integrity.crashstates import Subject
+from tests.integrity.crashstates import KEY_NAME, Subject
 
 
 def _qemu_create(filename: str, fmt: str, options: str = ""):
@@ -39,6 +39,20 @@ def _parallels_in_use(errors: list[str]) -> bool:
         or line.startswith("ERROR space leaked at the end of the image")
         for line in errors
     )
+
+
+PASSPHRASE = b"crash states\n"
+
+
+def _qemu_create_encrypted(filename: str, fmt: str, options: str):
+    """qemu-img create of an encrypted image, keyed by the passphrase file the crash test
+    writes beside the image directory (retried: qemu's LUKS creation fails now and then)."""
+    from tests.formats.crypto_util import qemu_create
+
+    def make(images: Path, size: int) -> None:
+        qemu_create(images / filename, fmt, str(size), images.parent / KEY_NAME, options)
+
+    return make
 
 
 def _snapshot_base(images: Path) -> None:
@@ -78,6 +92,22 @@ SUBJECTS: dict[str, Subject] = {
             "qcow2",
             after_prefill=_snapshot_base,
             snapshot="base",
+        ),
+        Subject(
+            "qcow2-luks",
+            "d.qcow2",
+            "qcow2",
+            _qemu_create_encrypted("d.qcow2", "qcow2", "encrypt.format=luks,encrypt.iter-time=10"),
+            "qcow2",
+            key=PASSPHRASE,
+        ),
+        Subject(
+            "luks",
+            "d.luks",
+            "luks",
+            _qemu_create_encrypted("d.luks", "luks", "iter-time=10"),
+            "luks",
+            key=PASSPHRASE,
         ),
         Subject("qcow", "d.qcow", "qcow", _qemu_create("d.qcow", "qcow"), "qcow"),
         Subject("qed", "d.qed", "qed", _qemu_create("d.qed", "qed"), "qed", leaks_repairable=False),
