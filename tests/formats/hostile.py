@@ -613,9 +613,22 @@ def structural_mutate(data: bytearray, regions: list[tuple[int, int]], rng: rand
     return f"cut {n} bytes at {at}"
 
 
-def make_mutant(base: Base, seed: int, dest: Path) -> tuple[str, str]:
-    """Copy ``base`` into ``dest`` and mutate one file; returns (file name, description)."""
+#: (file name, offset, bytes): a mutation chosen by the caller (hypothesis) instead of a seed
+Patch = tuple[str, int, bytes]
+
+
+def make_mutant(
+    base: Base, seed: int, dest: Path, patches: list[Patch] | None = None
+) -> tuple[str, str]:
+    """Copy ``base`` into ``dest`` and mutate one file (or apply ``patches``); returns (file
+    name, description)."""
     shutil.copytree(base.directory, dest)
+    if patches:
+        for name, offset, new in patches:
+            with open(dest / name, "r+b") as f:
+                f.seek(offset)
+                f.write(new)
+        return patches[0][0], "patches " + ", ".join(f"{n}@{o}={b.hex()}" for n, o, b in patches)
     if seed < 0:  # a stored input replayed as it is (tests/formats/regressions/)
         return sorted(base.regions)[0], "unmutated"
     rng = random.Random(seed)
@@ -777,7 +790,8 @@ def run_one(job: dict) -> dict:
     seed = job["seed"]
     scratch = Path(job["scratch"]) / f"m{seed}"
     shutil.rmtree(scratch, ignore_errors=True)
-    name, what = make_mutant(base, seed, scratch)
+    patches = [(n, o, bytes.fromhex(h)) for n, o, h in job.get("patches", [])]
+    name, what = make_mutant(base, seed, scratch, patches)
     start = time.monotonic()
     result = {"seed": seed, "base": base.directory.name, "file": name, "mutation": what}
     opened: list[bool] = []
@@ -817,13 +831,21 @@ class Outcome:
     failures: list[str]
 
 
-def run_mutants(bases: list[Base], seeds: range | list[int], scratch: Path) -> Outcome:
+def run_mutants(
+    bases: list[Base],
+    seeds: range | list[int],
+    scratch: Path,
+    patches: list[list[Patch]] | None = None,
+) -> Outcome:
     """Run every seed against every base (seed i goes to base i % len(bases)) in one worker
-    process; returns all results and a list of failure descriptions naming the seed."""
+    process; returns all results and a list of failure descriptions naming the seed.
+    ``patches[i]``, when given, is the mutation of job i instead of its seed's."""
     jobs = [
         {"base": str(bases[i % len(bases)].directory), "seed": seed, "scratch": str(scratch)}
         for i, seed in enumerate(seeds)
     ]
+    for job, job_patches in zip(jobs, patches or [], strict=False):
+        job["patches"] = [(n, o, b.hex()) for n, o, b in job_patches]
     results: list[dict] = []
     failures: list[str] = []
     pending = list(jobs)
