@@ -153,3 +153,9 @@ SUBJECTS: dict[str, Subject] = {
         Subject("cow", "d.cow", "cow", _make_cow, None, extra_files=("cow-backing.img",)),
     ]
 }
+
+# The variants the mounted tests (kill -9) run: those a plain `imgfs mount` opens as they are
+# made (the encrypted ones need keys; the snapshot variant is plain qcow2 until after_prefill).
+PLAIN_MOUNT_SUBJECTS = sorted(
+    name for name, s in SUBJECTS.items() if s.key is None and s.after_prefill is None
+)

@@ -23,9 +23,11 @@ from imgfs.block.hostfile import CacheMode
 from imgfs.errors import ImgfsError
 from tests.integrity.crashstates import (
     BASE,
+    KEY_NAME,
     SECTOR,
     MiB,
     check_state,
+    open_subject,
     pattern,
     plan_workload,
     run_workload,
@@ -47,14 +49,18 @@ def _prepare(name: str, tmp_path: Path) -> tuple[Path, bytes]:
     subject = SUBJECTS[name]
     base = tmp_path / "base"
     base.mkdir()
+    if subject.key is not None:
+        (tmp_path / KEY_NAME).write_bytes(subject.key)  # key_file_for() of base/ and every nN/
     subject.make(base, SIZE)
-    disk = open_disk(str(base / subject.filename), subject.fmt)
+    disk = open_subject(subject, base / subject.filename)
     try:
         prefill = plan_workload(SIZE, 10, seed=77, first_version=1_000_000)
         run_workload(disk, [op for op in prefill if op.kind != "flush"], None)
     finally:
         disk.close()
-    disk = open_disk(str(base / subject.filename), subject.fmt, read_only=True)
+    if subject.after_prefill is not None:
+        subject.after_prefill(base)
+    disk = open_subject(subject, base / subject.filename, read_only=True)
     try:
         base_raw = bytes(disk.read(0, SIZE))
     finally:
@@ -68,7 +74,7 @@ def _count_ops(name: str, base: Path, tmp_path: Path, plan, kinds) -> int:
     shutil.copytree(base, work)
     recorder = recording.Recorder()
     with recording.installed(recorder):
-        disk = open_disk(str(work / subject.filename), subject.fmt, cache=CacheMode.WRITEBACK)
+        disk = open_subject(subject, work / subject.filename, cache=CacheMode.WRITEBACK)
         try:
             run_workload(disk, plan, None)
         finally:
@@ -97,10 +103,10 @@ def sweep(name: str, fault_name: str, tmp_path: Path, max_cases: int, ops: int =
         raised = 0
         with recording.installed(recorder):
             try:
-                disk = open_disk(str(work / subject.filename), subject.fmt)
+                disk = open_subject(subject, work / subject.filename)
             except ImgfsError:  # the fault hit the open (a header update): it fails cleanly
                 raised += 1
-                disk = open_disk(str(work / subject.filename), subject.fmt)
+                disk = open_subject(subject, work / subject.filename)
                 assert not disk.read_only, f"{name}: a failed open left the image unusable"
             try:
                 for i, op in enumerate(plan):
