@@ -26,6 +26,7 @@ from imgfs.cmd_keys import (
     image_keys,
     print_locked_info,
 )
+from imgfs.cmd_options import add_directory_options
 from imgfs.cmd_serve import add_parser as add_serve_subcommand
 from imgfs.cmd_snapshot import add_parser as add_snapshot_parser
 from imgfs.dedup import command as cmd_dedup
@@ -432,13 +433,6 @@ class _ProgressBar:
 # -- argument parsing ---------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgfs", description="Mount a directory of virtual-disk images as raw files."
@@ -469,23 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let the kernel page cache hold exported data (default: direct_io)",
     )
-    p.add_argument(
-        "--aio-threads",
-        type=positive_int,
-        default=4,
-        metavar="N",
-        help="worker threads for blocking work: fsync, O_DIRECT I/O (default: 4)",
-    )
-    p.add_argument(
-        "--allow-external-files",
-        action="store_true",
-        help="let images use backing/extent files outside IMAGES_DIR",
-    )
-    p.add_argument(
-        "--writable-backing",
-        action="store_true",
-        help="let disks that other disks use as backing images be written (corrupts overlays)",
-    )
+    add_directory_options(p)
     p.add_argument(
         "--detect-zeroes",
         choices=[m.value for m in holes.DetectZeroes],

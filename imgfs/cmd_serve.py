@@ -8,6 +8,7 @@ from typing import Any
 
 from imgfs.block.hostfile import CacheMode
 from imgfs.cmd_keys import add_key_options
+from imgfs.cmd_options import add_directory_options
 from imgfs.keys import KeyRing
 
 
@@ -37,23 +38,7 @@ def add_parser(sub: Any) -> None:
         help="host cache mode, as QEMU's -drive cache= (default: writeback)",
     )
     p.add_argument("--read-only", action="store_true", help="export every disk read-only")
-    p.add_argument(
-        "--aio-threads",
-        type=int,
-        default=4,
-        metavar="N",
-        help="worker threads for blocking work: flush, O_DIRECT I/O, cold reads (default: 4)",
-    )
-    p.add_argument(
-        "--allow-external-files",
-        action="store_true",
-        help="let images use backing/extent files outside IMAGES_DIR",
-    )
-    p.add_argument(
-        "--writable-backing",
-        action="store_true",
-        help="let disks that other disks use as backing images be written (corrupts overlays)",
-    )
+    add_directory_options(p)
     p.add_argument(
         "-o",
         action="append",
