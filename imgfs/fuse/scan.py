@@ -194,23 +194,14 @@ class DirectoryScanner:
         )
 
     def _probe_extra(self, target: str, is_url: bool) -> _Probed:
-        try:
-            if is_url:
-                top = chain.open_chain(
-                    target,
-                    None,
-                    read_only=True,
-                    containment=self.containment,
-                    driver_options=self.driver_options,
-                    keys=self.keys,
-                )
-            else:  # the user named this directory: no containment for it
-                top = chain.open_chain(target, "vvfat", read_only=True)
+        if is_url:
+            return self._probe_remote(target)
+        try:  # the user named this directory: no containment for it
+            top = chain.open_chain(target, "vvfat", read_only=True)
         except ImgfsError as e:
             return _Probed("?", 0, False, (), str(e))
         try:
-            writable = is_url and _remote_writable(top)
-            return _Probed(top.format_name, top.virtual_size, writable, (), None, url=target)
+            return _Probed(top.format_name, top.virtual_size, False, (), None, url=target)
         finally:
             chain.close_chain(top)
 
@@ -428,6 +419,13 @@ class DirectoryScanner:
         """A ``NAME.url`` file: open the remote image it names (and its chain) once."""
         try:
             url = read_url_file(path)
+        except ImgfsError as e:
+            return _Probed("?", 0, False, (), str(e))
+        return self._probe_remote(url)
+
+    def _probe_remote(self, url: str) -> _Probed:
+        """The remote image at ``url`` (a .url file's or --url's) and its chain, opened once."""
+        try:
             top = chain.open_chain(
                 url,
                 None,
